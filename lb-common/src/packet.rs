@@ -1,0 +1,294 @@
+//! Header bytes the data plane writes, as pure functions (smoltcp-style repr
+//! parse/emit over fixed-size arrays, so the eBPF compiler can unroll them).
+
+pub const ETH_LEN: usize = 14;
+pub const IPV4_LEN: usize = 20;
+pub const ICMP_HDR_LEN: usize = 8;
+pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// IPv4 flags/fragment-offset field: Don't Fragment.
+pub const IPV4_DF: u16 = 0x4000;
+/// IPv4 flags/fragment-offset field: More Fragments.
+pub const IPV4_MF: u16 = 0x2000;
+/// IPv4 flags/fragment-offset field: the 13-bit offset.
+pub const IPV4_OFFSET_MASK: u16 = 0x1fff;
+/// TTL of headers the load balancer originates (outer IPIP, ICMP answers).
+pub const OUTER_TTL: u8 = 64;
+/// Bytes of the client's packet an ICMP too-big quotes after its IPv4 header
+/// (RFC 792: "64 bits of data"; enough for ports and the TCP sequence number).
+pub const ICMP_QUOTE_L4: usize = 8;
+/// Size of the whole IPv4 part of an ICMP fragmentation-needed answer.
+pub const ICMP4_TOO_BIG_LEN: usize = IPV4_LEN + ICMP_HDR_LEN + IPV4_LEN + ICMP_QUOTE_L4;
+
+/// Why a header could not be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParseError {
+    /// Fewer bytes than the header needs.
+    Truncated,
+    /// Version, header length or total length do not add up.
+    Malformed,
+}
+
+/// One's-complement sum folded to 16 bits and inverted (RFC 1071).
+#[inline(always)]
+pub const fn csum_fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Unfolded one's-complement sum of the big-endian 16-bit words of `b`
+/// (an odd trailing byte is padded with zero).
+#[inline(always)]
+pub fn csum_add(mut sum: u32, b: &[u8]) -> u32 {
+    let mut i = 0;
+    while i + 1 < b.len() {
+        sum += u16::from_be_bytes([b[i], b[i + 1]]) as u32;
+        i += 2;
+    }
+    if i < b.len() {
+        sum += (b[i] as u32) << 8;
+    }
+    sum
+}
+
+/// An IPv4 header without options, as mqlb reads and writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Ipv4Repr {
+    pub tos: u8,
+    pub total_len: u16,
+    pub ident: u16,
+    /// Flags and fragment offset, host order (`IPV4_DF`, `IPV4_MF`, offset).
+    pub frag: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+impl Ipv4Repr {
+    /// Reads a header; options are skipped (their length is returned).
+    pub fn parse(b: &[u8]) -> Result<(Ipv4Repr, usize), ParseError> {
+        if b.len() < IPV4_LEN {
+            return Err(ParseError::Truncated);
+        }
+        let ihl = ((b[0] & 0x0f) as usize) * 4;
+        let total_len = u16::from_be_bytes([b[2], b[3]]);
+        if b[0] >> 4 != 4 || ihl < IPV4_LEN || (total_len as usize) < ihl {
+            return Err(ParseError::Malformed);
+        }
+        if b.len() < ihl {
+            return Err(ParseError::Truncated);
+        }
+        let repr = Ipv4Repr {
+            tos: b[1],
+            total_len,
+            ident: u16::from_be_bytes([b[4], b[5]]),
+            frag: u16::from_be_bytes([b[6], b[7]]),
+            ttl: b[8],
+            proto: b[9],
+            src: [b[12], b[13], b[14], b[15]],
+            dst: [b[16], b[17], b[18], b[19]],
+        };
+        Ok((repr, ihl - IPV4_LEN))
+    }
+
+    /// Whether this header is any fragment but a whole datagram.
+    pub const fn is_fragment(&self) -> bool {
+        self.frag & (IPV4_MF | IPV4_OFFSET_MASK) != 0
+    }
+
+    /// Writes the 20-byte header with a correct checksum.
+    #[inline(always)]
+    pub fn emit(&self) -> [u8; IPV4_LEN] {
+        let len = self.total_len.to_be_bytes();
+        let id = self.ident.to_be_bytes();
+        let frag = self.frag.to_be_bytes();
+        let mut h = [
+            0x45,
+            self.tos,
+            len[0],
+            len[1],
+            id[0],
+            id[1],
+            frag[0],
+            frag[1],
+            self.ttl,
+            self.proto,
+            0,
+            0,
+            self.src[0],
+            self.src[1],
+            self.src[2],
+            self.src[3],
+            self.dst[0],
+            self.dst[1],
+            self.dst[2],
+            self.dst[3],
+        ];
+        let c = csum_fold(csum_add(0, &h)).to_be_bytes();
+        h[10] = c[0];
+        h[11] = c[1];
+        h
+    }
+}
+
+/// Outer header of IPv4-in-IPv4 for an inner packet of `inner_len` bytes.
+/// DSCP/ECN are copied from the inner header (RFC 6040 normal mode); DF is set
+/// so a too-small path answers with ICMP instead of fragmenting.
+#[inline(always)]
+pub fn ipip_outer_v4(src: [u8; 4], dst: [u8; 4], inner_len: u16, inner_tos: u8) -> [u8; IPV4_LEN] {
+    Ipv4Repr {
+        tos: inner_tos,
+        total_len: inner_len.wrapping_add(IPV4_LEN as u16),
+        ident: 0,
+        frag: IPV4_DF,
+        ttl: OUTER_TTL,
+        proto: crate::maps::PROTO_IPIP,
+        src,
+        dst,
+    }
+    .emit()
+}
+
+/// Whether an inner IPv4 packet of `inner_len` bytes still fits `mtu` once
+/// encapsulated in IPv4.
+#[inline(always)]
+pub const fn ipip_fits(inner_len: u16, mtu: u16) -> bool {
+    inner_len as u32 + IPV4_LEN as u32 <= mtu as u32
+}
+
+/// The MTU to advertise to a client whose path continues through an IPIP
+/// tunnel over a link of `egress_mtu`.
+#[inline(always)]
+pub const fn ipip_client_mtu(egress_mtu: u16) -> u16 {
+    egress_mtu.saturating_sub(IPV4_LEN as u16)
+}
+
+/// The IPv4 part of an ICMP fragmentation-needed (type 3, code 4, RFC 1191)
+/// answer to the sender of `quoted_ip` (its 20-byte header) whose first
+/// transport bytes are `quoted_l4`. It comes from the address the client
+/// wrote to (the VIP), so the client's stack matches it to its socket.
+#[inline(always)]
+pub fn icmp4_frag_needed(
+    quoted_ip: &[u8; IPV4_LEN],
+    quoted_l4: &[u8; ICMP_QUOTE_L4],
+    next_hop_mtu: u16,
+) -> [u8; ICMP4_TOO_BIG_LEN] {
+    let mut out = [0u8; ICMP4_TOO_BIG_LEN];
+    let ip = Ipv4Repr {
+        tos: 0,
+        total_len: ICMP4_TOO_BIG_LEN as u16,
+        ident: 0,
+        frag: 0,
+        ttl: OUTER_TTL,
+        proto: crate::maps::PROTO_ICMP,
+        src: [quoted_ip[16], quoted_ip[17], quoted_ip[18], quoted_ip[19]],
+        dst: [quoted_ip[12], quoted_ip[13], quoted_ip[14], quoted_ip[15]],
+    }
+    .emit();
+    out[..IPV4_LEN].copy_from_slice(&ip);
+    let mtu = next_hop_mtu.to_be_bytes();
+    let icmp = IPV4_LEN;
+    out[icmp] = 3;
+    out[icmp + 1] = 4;
+    out[icmp + 6] = mtu[0];
+    out[icmp + 7] = mtu[1];
+    out[icmp + ICMP_HDR_LEN..icmp + ICMP_HDR_LEN + IPV4_LEN].copy_from_slice(quoted_ip);
+    out[icmp + ICMP_HDR_LEN + IPV4_LEN..].copy_from_slice(quoted_l4);
+    let c = csum_fold(csum_add(0, &out[icmp..])).to_be_bytes();
+    out[icmp + 2] = c[0];
+    out[icmp + 3] = c[1];
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// The worked example header from Wikipedia's "IPv4 header checksum" article.
+    #[test]
+    fn checksum_matches_known_header() {
+        let h = hex("4500 0073 0000 4000 4011 b861 c0a8 0001 c0a8 00c7");
+        let (repr, opts) = Ipv4Repr::parse(&h).unwrap();
+        assert_eq!(opts, 0);
+        assert_eq!(repr.src, [192, 168, 0, 1]);
+        assert_eq!(repr.total_len, 0x73);
+        assert_eq!(repr.emit().as_slice(), h.as_slice());
+        assert_eq!(csum_fold(csum_add(0, &h)), 0, "a valid header sums to zero");
+    }
+
+    #[test]
+    fn parse_rejects_truncated_and_malformed() {
+        let h = hex("4500 0073 0000 4000 4011 b861 c0a8 0001 c0a8 00c7");
+        assert_eq!(Ipv4Repr::parse(&h[..19]), Err(ParseError::Truncated));
+        let mut bad = h.clone();
+        bad[0] = 0x44;
+        assert_eq!(Ipv4Repr::parse(&bad), Err(ParseError::Malformed));
+        let mut opts = h.clone();
+        opts[0] = 0x46;
+        assert_eq!(Ipv4Repr::parse(&opts), Err(ParseError::Truncated));
+        opts.extend_from_slice(&[1, 1, 1, 0]);
+        assert_eq!(Ipv4Repr::parse(&opts).unwrap().1, 4);
+    }
+
+    #[test]
+    fn fragments_are_recognised() {
+        let mut r = Ipv4Repr {
+            frag: IPV4_DF,
+            ..Default::default()
+        };
+        assert!(!r.is_fragment());
+        r.frag = IPV4_MF;
+        assert!(r.is_fragment());
+        r.frag = 185;
+        assert!(r.is_fragment());
+    }
+
+    #[test]
+    fn outer_header_bytes() {
+        let h = ipip_outer_v4([10, 0, 0, 1], [10, 0, 1, 2], 60, 0xb8);
+        let expect = hex("45b8 0050 0000 4000 4004 0000 0a00 0001 0a00 0102");
+        assert_eq!(&h[..10], &expect[..10]);
+        assert_eq!(&h[12..], &expect[12..]);
+        assert_eq!(csum_fold(csum_add(0, &h)), 0);
+        assert!(ipip_fits(1480, 1500));
+        assert!(!ipip_fits(1481, 1500));
+        assert_eq!(ipip_client_mtu(1500), 1480);
+    }
+
+    #[test]
+    fn frag_needed_quotes_and_sums() {
+        let q = Ipv4Repr {
+            total_len: 1500,
+            frag: IPV4_DF,
+            ttl: 63,
+            proto: 6,
+            src: [192, 0, 2, 10],
+            dst: [198, 51, 100, 1],
+            ..Default::default()
+        }
+        .emit();
+        let l4 = [0x9c, 0x40, 0x16, 0x28, 0, 0, 0, 1];
+        let out = icmp4_frag_needed(&q, &l4, 1480);
+        let (ip, _) = Ipv4Repr::parse(&out).unwrap();
+        assert_eq!(ip.src, [198, 51, 100, 1]);
+        assert_eq!(ip.dst, [192, 0, 2, 10]);
+        assert_eq!(ip.proto, 1);
+        assert_eq!(ip.total_len as usize, ICMP4_TOO_BIG_LEN);
+        assert_eq!(csum_fold(csum_add(0, &out[..20])), 0);
+        assert_eq!(&out[20..24], &[3, 4, out[22], out[23]]);
+        assert_eq!(&out[26..28], &1480u16.to_be_bytes());
+        assert_eq!(&out[28..48], &q);
+        assert_eq!(&out[48..], &l4);
+        assert_eq!(csum_fold(csum_add(0, &out[20..])), 0, "ICMP checksum");
+    }
+}
