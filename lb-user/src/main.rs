@@ -1,4 +1,3 @@
 fn main() {
-    let obj = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mqlb"));
-    println!("{}", obj.len());
+    println!("{}", lb_user::programs::LB_OBJECT.len());
 }
