@@ -98,39 +98,34 @@ impl Ipv4Repr {
         self.frag & (IPV4_MF | IPV4_OFFSET_MASK) != 0
     }
 
-    /// Writes the 20-byte header with a correct checksum.
+    /// Writes the 20-byte header with a correct checksum. The sum is taken
+    /// over the fields, not the bytes, so the eBPF build keeps it in registers.
     #[inline(always)]
     pub fn emit(&self) -> [u8; IPV4_LEN] {
+        let sum = 0x4500
+            + self.tos as u32
+            + self.total_len as u32
+            + self.ident as u32
+            + self.frag as u32
+            + (((self.ttl as u32) << 8) | self.proto as u32)
+            + sum4(self.src)
+            + sum4(self.dst);
+        let c = csum_fold(sum).to_be_bytes();
         let len = self.total_len.to_be_bytes();
         let id = self.ident.to_be_bytes();
         let frag = self.frag.to_be_bytes();
-        let mut h = [
-            0x45,
-            self.tos,
-            len[0],
-            len[1],
-            id[0],
-            id[1],
-            frag[0],
-            frag[1],
-            self.ttl,
-            self.proto,
-            0,
-            0,
-            self.src[0],
-            self.src[1],
-            self.src[2],
-            self.src[3],
-            self.dst[0],
-            self.dst[1],
-            self.dst[2],
-            self.dst[3],
-        ];
-        let c = csum_fold(csum_add(0, &h)).to_be_bytes();
-        h[10] = c[0];
-        h[11] = c[1];
-        h
+        let (s, d) = (self.src, self.dst);
+        [
+            0x45, self.tos, len[0], len[1], id[0], id[1], frag[0], frag[1], self.ttl, self.proto,
+            c[0], c[1], s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3],
+        ]
     }
+}
+
+/// One's-complement partial sum of four bytes as two big-endian words.
+#[inline(always)]
+const fn sum4(b: [u8; 4]) -> u32 {
+    (((b[0] as u32) << 8) | b[1] as u32) + (((b[2] as u32) << 8) | b[3] as u32)
 }
 
 /// Outer header of IPv4-in-IPv4 for an inner packet of `inner_len` bytes.
@@ -165,40 +160,51 @@ pub const fn ipip_client_mtu(egress_mtu: u16) -> u16 {
     egress_mtu.saturating_sub(IPV4_LEN as u16)
 }
 
-/// The IPv4 part of an ICMP fragmentation-needed (type 3, code 4, RFC 1191)
-/// answer to the sender of `quoted_ip` (its 20-byte header) whose first
-/// transport bytes are `quoted_l4`. It comes from the address the client
-/// wrote to (the VIP), so the client's stack matches it to its socket.
+/// Bytes of the client's packet an ICMP too-big quotes: its IPv4 header
+/// (without options) and the first transport bytes.
+pub const ICMP4_QUOTE_LEN: usize = IPV4_LEN + ICMP_QUOTE_L4;
+
+/// The IPv4 header of a fragmentation-needed answer to a client that sent
+/// `client_src` → `client_dst`: it comes from the address the client wrote
+/// to (the VIP), so the client's stack matches it to its socket.
 #[inline(always)]
-pub fn icmp4_frag_needed(
-    quoted_ip: &[u8; IPV4_LEN],
-    quoted_l4: &[u8; ICMP_QUOTE_L4],
-    next_hop_mtu: u16,
-) -> [u8; ICMP4_TOO_BIG_LEN] {
-    let mut out = [0u8; ICMP4_TOO_BIG_LEN];
-    let ip = Ipv4Repr {
+pub const fn icmp4_frag_needed_ip(client_src: [u8; 4], client_dst: [u8; 4]) -> Ipv4Repr {
+    Ipv4Repr {
         tos: 0,
         total_len: ICMP4_TOO_BIG_LEN as u16,
         ident: 0,
         frag: 0,
         ttl: OUTER_TTL,
         proto: crate::maps::PROTO_ICMP,
-        src: [quoted_ip[16], quoted_ip[17], quoted_ip[18], quoted_ip[19]],
-        dst: [quoted_ip[12], quoted_ip[13], quoted_ip[14], quoted_ip[15]],
+        src: client_dst,
+        dst: client_src,
     }
-    .emit();
-    out[..IPV4_LEN].copy_from_slice(&ip);
+}
+
+/// The 8-byte ICMP header of a fragmentation-needed (type 3, code 4,
+/// RFC 1191) message advertising `next_hop_mtu`, given `quote_sum`, the
+/// unfolded one's-complement sum of the quoted bytes that follow it.
+#[inline(always)]
+pub const fn icmp4_frag_needed_hdr(next_hop_mtu: u16, quote_sum: u32) -> [u8; ICMP_HDR_LEN] {
+    let c = csum_fold(0x0304 + next_hop_mtu as u32 + (quote_sum & 0xffff) + (quote_sum >> 16))
+        .to_be_bytes();
     let mtu = next_hop_mtu.to_be_bytes();
-    let icmp = IPV4_LEN;
-    out[icmp] = 3;
-    out[icmp + 1] = 4;
-    out[icmp + 6] = mtu[0];
-    out[icmp + 7] = mtu[1];
-    out[icmp + ICMP_HDR_LEN..icmp + ICMP_HDR_LEN + IPV4_LEN].copy_from_slice(quoted_ip);
-    out[icmp + ICMP_HDR_LEN + IPV4_LEN..].copy_from_slice(quoted_l4);
-    let c = csum_fold(csum_add(0, &out[icmp..])).to_be_bytes();
-    out[icmp + 2] = c[0];
-    out[icmp + 3] = c[1];
+    [3, 4, c[0], c[1], 0, 0, mtu[0], mtu[1]]
+}
+
+/// The whole IPv4 part of a fragmentation-needed answer quoting `quoted`
+/// (the client's IPv4 header and first 8 transport bytes).
+pub fn icmp4_frag_needed(
+    quoted: &[u8; ICMP4_QUOTE_LEN],
+    next_hop_mtu: u16,
+) -> [u8; ICMP4_TOO_BIG_LEN] {
+    let src = [quoted[12], quoted[13], quoted[14], quoted[15]];
+    let dst = [quoted[16], quoted[17], quoted[18], quoted[19]];
+    let mut out = [0u8; ICMP4_TOO_BIG_LEN];
+    out[..IPV4_LEN].copy_from_slice(&icmp4_frag_needed_ip(src, dst).emit());
+    out[IPV4_LEN..IPV4_LEN + ICMP_HDR_LEN]
+        .copy_from_slice(&icmp4_frag_needed_hdr(next_hop_mtu, csum_add(0, quoted)));
+    out[IPV4_LEN + ICMP_HDR_LEN..].copy_from_slice(quoted);
     out
 }
 
@@ -278,7 +284,10 @@ mod tests {
         }
         .emit();
         let l4 = [0x9c, 0x40, 0x16, 0x28, 0, 0, 0, 1];
-        let out = icmp4_frag_needed(&q, &l4, 1480);
+        let mut quoted = [0u8; ICMP4_QUOTE_LEN];
+        quoted[..20].copy_from_slice(&q);
+        quoted[20..].copy_from_slice(&l4);
+        let out = icmp4_frag_needed(&quoted, 1480);
         let (ip, _) = Ipv4Repr::parse(&out).unwrap();
         assert_eq!(ip.src, [198, 51, 100, 1]);
         assert_eq!(ip.dst, [192, 0, 2, 10]);

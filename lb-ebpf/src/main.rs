@@ -19,8 +19,9 @@ use lb_common::{
     backend_flags, ct_is_live,
     hash::{flow_hash_v4, ring_slot, tcp_syn_rehashes},
     packet::{
-        icmp4_frag_needed, ipip_client_mtu, ipip_fits, ipip_outer_v4, ETH_LEN, ETH_P_IPV4,
-        ICMP4_TOO_BIG_LEN, ICMP_QUOTE_L4, IPV4_DF, IPV4_LEN, IPV4_MF, IPV4_OFFSET_MASK,
+        icmp4_frag_needed_hdr, icmp4_frag_needed_ip, ipip_client_mtu, ipip_fits, ipip_outer_v4,
+        ETH_LEN, ETH_P_IPV4, ICMP4_QUOTE_LEN, ICMP4_TOO_BIG_LEN, ICMP_HDR_LEN, IPV4_DF, IPV4_LEN,
+        IPV4_MF, IPV4_OFFSET_MASK,
     },
     v4_mapped, Backend, Counter, CtEntry, DropReason, Flow4, HashMode, ServiceKey, ServiceValue,
     Traffic, CT_DEFAULT_ENTRIES, CT_REFRESH_NS, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
@@ -370,31 +371,45 @@ fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<u32, DropReason> 
     if !pkt.dont_fragment {
         return Err(DropReason::TooBigNoDf);
     }
-    let (Some(eth), Some(ip), Some(l4)) = (
-        ptr_at::<[u8; ETH_LEN]>(ctx, 0),
-        ptr_at::<[u8; IPV4_LEN]>(ctx, ETH_LEN),
-        ptr_at::<[u8; ICMP_QUOTE_L4]>(ctx, ETH_LEN + IPV4_LEN),
-    ) else {
-        return Err(DropReason::MalformedL4);
-    };
-    let (eth, answer) = unsafe { (*eth, icmp4_frag_needed(&*ip, &*l4, mtu)) };
     let keep = (ETH_LEN + ICMP4_TOO_BIG_LEN) as i32;
     let len = (ctx.data_end() - ctx.data()) as i32;
     if unsafe { bpf_xdp_adjust_tail(ctx.ctx, keep - len) } != 0 {
         return Err(DropReason::AdjustFailed);
     }
-    let (Some(out_eth), Some(out)) = (
+    // Rewrite in place: [eth][ip][8 bytes of l4] becomes
+    // [eth swapped][answer ip][icmp][quote of ip + 8 bytes of l4].
+    const ICMP_OFF: usize = ETH_LEN + IPV4_LEN;
+    const QUOTE_OFF: usize = ICMP_OFF + ICMP_HDR_LEN;
+    let (Some(eth), Some(orig), Some(quote)) = (
         ptr_at_mut::<[u8; ETH_LEN]>(ctx, 0),
-        ptr_at_mut::<[u8; ICMP4_TOO_BIG_LEN]>(ctx, ETH_LEN),
+        ptr_at::<[u8; ICMP4_QUOTE_LEN]>(ctx, ETH_LEN),
+        ptr_at_mut::<[u16; ICMP4_QUOTE_LEN / 2]>(ctx, QUOTE_OFF),
+    ) else {
+        return Err(DropReason::AdjustFailed);
+    };
+    let (Some(out_ip), Some(out_icmp), Some(src), Some(dst)) = (
+        ptr_at_mut::<[u8; IPV4_LEN]>(ctx, ETH_LEN),
+        ptr_at_mut::<[u8; ICMP_HDR_LEN]>(ctx, ICMP_OFF),
+        ptr_at::<[u8; 4]>(ctx, ETH_LEN + 12),
+        ptr_at::<[u8; 4]>(ctx, ETH_LEN + 16),
     ) else {
         return Err(DropReason::AdjustFailed);
     };
     unsafe {
-        *out_eth = [
-            eth[6], eth[7], eth[8], eth[9], eth[10], eth[11], eth[0], eth[1], eth[2], eth[3],
-            eth[4], eth[5], eth[12], eth[13],
-        ];
-        *out = answer;
+        let (src, dst) = (*src, *dst);
+        core::ptr::copy_nonoverlapping(orig as *const u8, quote as *mut u8, ICMP4_QUOTE_LEN);
+        let mut sum = 0u32;
+        let mut i = 0;
+        while i < ICMP4_QUOTE_LEN / 2 {
+            sum += u16::from_be(core::ptr::read_unaligned(&(*quote)[i])) as u32;
+            i += 1;
+        }
+        *out_ip = icmp4_frag_needed_ip(src, dst).emit();
+        *out_icmp = icmp4_frag_needed_hdr(mtu, sum);
+        let e = &mut *eth;
+        let client_mac: [u8; 6] = [e[6], e[7], e[8], e[9], e[10], e[11]];
+        e.copy_within(0..6, 6);
+        e[..6].copy_from_slice(&client_mac);
     }
     count(Counter::IcmpTooBig);
     Ok(xdp_action::XDP_TX)

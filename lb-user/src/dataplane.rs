@@ -1,0 +1,423 @@
+//! The maps of the loaded program, behind [`Dataplane`] so the daemon logic
+//! runs against [`MemDataplane`] in tests. [`apply`] writes a [`Plan`] in its
+//! order; [`read_applied`] reads the maps back into an [`Applied`] at start.
+//! Loading, pinning and attaching live in [`crate::loader`].
+
+use std::collections::BTreeMap;
+
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
+use lb_common::{
+    names, Backend as MapBackend, Counter, DropReason, ServiceKey, ServiceValue, Traffic,
+    MAX_BACKENDS,
+};
+
+use crate::{
+    plan::{Applied, Plan},
+    state::State,
+};
+
+/// A map operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("{op} on map {map} failed: {source}")]
+    Map {
+        map: &'static str,
+        op: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {map} is missing from the program object")]
+    MissingMap { map: &'static str },
+    #[error("cannot count cpus: {0}")]
+    Cpus(#[source] std::io::Error),
+    /// Only [`MemDataplane`] produces this (failure injection in tests).
+    #[error("injected failure")]
+    Injected,
+}
+
+/// Global, drop and per-id counters, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Indexed by `Counter`.
+    pub global: Vec<u64>,
+    /// Indexed by `DropReason`.
+    pub drops: Vec<u64>,
+    pub services: BTreeMap<u32, Traffic>,
+    pub backends: BTreeMap<u32, Traffic>,
+}
+
+/// The maps the daemon writes, and the counters it reads.
+pub trait Dataplane: Send {
+    fn read_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, DataplaneError>;
+    /// Every backend id whose entry is not all zeros.
+    fn read_backends(&self) -> Result<Vec<(u32, MapBackend)>, DataplaneError>;
+    /// The first `len` slots of one ring half.
+    fn read_ring(&self, service: u32, half: u32, len: u32) -> Result<Vec<u32>, DataplaneError>;
+    fn put_backend(&mut self, id: u32, entry: &MapBackend) -> Result<(), DataplaneError>;
+    fn put_ring(&mut self, index: u32, backend: u32) -> Result<(), DataplaneError>;
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue)
+        -> Result<(), DataplaneError>;
+    fn del_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError>;
+    fn reset_service_stats(&mut self, id: u32) -> Result<(), DataplaneError>;
+    fn reset_backend_stats(&mut self, id: u32) -> Result<(), DataplaneError>;
+    /// Counters of the given service and backend ids.
+    fn counters(&self, services: &[u32], backends: &[u32]) -> Result<Counters, DataplaneError>;
+}
+
+/// Writes `plan` in order. On error the maps hold a prefix of the plan; the
+/// caller re-reads them (or replans from scratch) before the next attempt.
+pub fn apply(dp: &mut dyn Dataplane, plan: &Plan) -> Result<(), DataplaneError> {
+    for &id in &plan.reset_service_stats {
+        dp.reset_service_stats(id)?;
+    }
+    for &id in &plan.reset_backend_stats {
+        dp.reset_backend_stats(id)?;
+    }
+    for (id, entry) in &plan.backends {
+        dp.put_backend(*id, entry)?;
+    }
+    for w in &plan.ring_writes {
+        dp.put_ring(w.index(), w.backend)?;
+    }
+    for (key, value) in &plan.services {
+        dp.put_service(key, value)?;
+    }
+    for key in &plan.service_deletes {
+        dp.del_service(key)?;
+    }
+    Ok(())
+}
+
+/// What the maps hold, including both ring halves of every service in
+/// `state` (as many slots as its ring size).
+pub fn read_applied(dp: &dyn Dataplane, state: &State) -> Result<Applied, DataplaneError> {
+    let mut applied = Applied {
+        services: dp.read_services()?.into_iter().collect(),
+        backends: dp.read_backends()?.into_iter().collect(),
+        rings: BTreeMap::new(),
+    };
+    for svc in &state.services {
+        for half in 0..2 {
+            let ring = dp.read_ring(svc.id, half, svc.ring_size)?;
+            applied.rings.insert((svc.id, half), ring);
+        }
+    }
+    Ok(applied)
+}
+
+fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, op, source }
+}
+
+fn sum_u64(values: &PerCpuValues<u64>) -> u64 {
+    values.iter().copied().fold(0u64, u64::wrapping_add)
+}
+
+fn sum_traffic(values: &PerCpuValues<Traffic>) -> Traffic {
+    values.iter().fold(Traffic::default(), |acc, t| Traffic {
+        packets: acc.packets.wrapping_add(t.packets),
+        bytes: acc.bytes.wrapping_add(t.bytes),
+        new_flows: acc.new_flows.wrapping_add(t.new_flows),
+    })
+}
+
+/// The real maps of the loaded `mqlb` program.
+pub struct KernelDataplane {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    rings: Array<MapData, u32>,
+    backends: Array<MapData, MapBackend>,
+    stats: PerCpuArray<MapData, u64>,
+    drops: PerCpuArray<MapData, u64>,
+    svc_stats: PerCpuArray<MapData, Traffic>,
+    be_stats: PerCpuArray<MapData, Traffic>,
+    nr_cpus: usize,
+}
+
+impl KernelDataplane {
+    /// Takes the maps out of a loaded object.
+    pub fn new(ebpf: &mut aya::Ebpf) -> Result<Self, DataplaneError> {
+        fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, DataplaneError>
+        where
+            T: TryFrom<aya::maps::Map, Error = MapError>,
+        {
+            let map = ebpf
+                .take_map(name)
+                .ok_or(DataplaneError::MissingMap { map: name })?;
+            T::try_from(map).map_err(map_err(name, "open"))
+        }
+        let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
+        Ok(KernelDataplane {
+            services: take(ebpf, names::SERVICES)?,
+            rings: take(ebpf, names::RINGS)?,
+            backends: take(ebpf, names::BACKENDS)?,
+            stats: take(ebpf, names::STATS)?,
+            drops: take(ebpf, names::DROPS)?,
+            svc_stats: take(ebpf, names::SVC_STATS)?,
+            be_stats: take(ebpf, names::BE_STATS)?,
+            nr_cpus,
+        })
+    }
+
+    fn zeros<T: aya::Pod + Default>(&self) -> Result<PerCpuValues<T>, DataplaneError> {
+        PerCpuValues::try_from(vec![T::default(); self.nr_cpus]).map_err(DataplaneError::Cpus)
+    }
+}
+
+impl Dataplane for KernelDataplane {
+    fn read_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, DataplaneError> {
+        self.services
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(names::SERVICES, "read"))
+    }
+
+    fn read_backends(&self) -> Result<Vec<(u32, MapBackend)>, DataplaneError> {
+        let mut out = Vec::new();
+        for id in 1..MAX_BACKENDS {
+            let b = self
+                .backends
+                .get(&id, 0)
+                .map_err(map_err(names::BACKENDS, "read"))?;
+            if b != MapBackend::default() {
+                out.push((id, b));
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_ring(&self, service: u32, half: u32, len: u32) -> Result<Vec<u32>, DataplaneError> {
+        let base = lb_common::ring_base(service, half);
+        (base..base + len)
+            .map(|i| self.rings.get(&i, 0).map_err(map_err(names::RINGS, "read")))
+            .collect()
+    }
+
+    fn put_backend(&mut self, id: u32, entry: &MapBackend) -> Result<(), DataplaneError> {
+        self.backends
+            .set(id, entry, 0)
+            .map_err(map_err(names::BACKENDS, "write"))
+    }
+
+    fn put_ring(&mut self, index: u32, backend: u32) -> Result<(), DataplaneError> {
+        self.rings
+            .set(index, backend, 0)
+            .map_err(map_err(names::RINGS, "write"))
+    }
+
+    fn put_service(
+        &mut self,
+        key: &ServiceKey,
+        value: &ServiceValue,
+    ) -> Result<(), DataplaneError> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(map_err(names::SERVICES, "write"))
+    }
+
+    fn del_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
+        match self.services.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::SERVICES, "delete")(e)),
+        }
+    }
+
+    fn reset_service_stats(&mut self, id: u32) -> Result<(), DataplaneError> {
+        let zeros = self.zeros::<Traffic>()?;
+        self.svc_stats
+            .set(id, zeros, 0)
+            .map_err(map_err(names::SVC_STATS, "reset"))
+    }
+
+    fn reset_backend_stats(&mut self, id: u32) -> Result<(), DataplaneError> {
+        let zeros = self.zeros::<Traffic>()?;
+        self.be_stats
+            .set(id, zeros, 0)
+            .map_err(map_err(names::BE_STATS, "reset"))
+    }
+
+    fn counters(&self, services: &[u32], backends: &[u32]) -> Result<Counters, DataplaneError> {
+        let mut c = Counters::default();
+        for counter in Counter::ALL {
+            let v = self
+                .stats
+                .get(&(counter as u32), 0)
+                .map_err(map_err(names::STATS, "read"))?;
+            c.global.push(sum_u64(&v));
+        }
+        for reason in DropReason::ALL {
+            let v = self
+                .drops
+                .get(&(reason as u32), 0)
+                .map_err(map_err(names::DROPS, "read"))?;
+            c.drops.push(sum_u64(&v));
+        }
+        for &id in services {
+            let v = self
+                .svc_stats
+                .get(&id, 0)
+                .map_err(map_err(names::SVC_STATS, "read"))?;
+            c.services.insert(id, sum_traffic(&v));
+        }
+        for &id in backends {
+            let v = self
+                .be_stats
+                .get(&id, 0)
+                .map_err(map_err(names::BE_STATS, "read"))?;
+            c.backends.insert(id, sum_traffic(&v));
+        }
+        Ok(c)
+    }
+}
+
+/// Maps in memory, for tests of everything above the kernel.
+#[derive(Clone, Debug, Default)]
+pub struct MemDataplane {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, MapBackend>,
+    pub rings: BTreeMap<u32, u32>,
+    pub counters: Counters,
+    /// Number of writes so far.
+    pub writes: usize,
+    /// Fail every write once `writes` reaches this.
+    pub fail_at: Option<usize>,
+}
+
+impl MemDataplane {
+    fn write(&mut self) -> Result<(), DataplaneError> {
+        if self.fail_at.is_some_and(|n| self.writes >= n) {
+            return Err(DataplaneError::Injected);
+        }
+        self.writes += 1;
+        Ok(())
+    }
+
+    /// The backend a flow hashing to `hash` would get, as the program picks it.
+    pub fn lookup(&self, key: &ServiceKey, hash: u32) -> Option<u32> {
+        let v = self.services.get(key)?;
+        if v.ring_size == 0 {
+            return None;
+        }
+        let slot = v.ring_base + lb_common::hash::ring_slot(hash, v.ring_size);
+        self.rings.get(&slot).copied().filter(|&id| id != 0)
+    }
+}
+
+impl Dataplane for MemDataplane {
+    fn read_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, DataplaneError> {
+        Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn read_backends(&self) -> Result<Vec<(u32, MapBackend)>, DataplaneError> {
+        Ok(self
+            .backends
+            .iter()
+            .filter(|(_, b)| **b != MapBackend::default())
+            .map(|(k, v)| (*k, *v))
+            .collect())
+    }
+
+    fn read_ring(&self, service: u32, half: u32, len: u32) -> Result<Vec<u32>, DataplaneError> {
+        let base = lb_common::ring_base(service, half);
+        Ok((base..base + len)
+            .map(|i| self.rings.get(&i).copied().unwrap_or(0))
+            .collect())
+    }
+
+    fn put_backend(&mut self, id: u32, entry: &MapBackend) -> Result<(), DataplaneError> {
+        self.write()?;
+        self.backends.insert(id, *entry);
+        Ok(())
+    }
+
+    fn put_ring(&mut self, index: u32, backend: u32) -> Result<(), DataplaneError> {
+        self.write()?;
+        self.rings.insert(index, backend);
+        Ok(())
+    }
+
+    fn put_service(
+        &mut self,
+        key: &ServiceKey,
+        value: &ServiceValue,
+    ) -> Result<(), DataplaneError> {
+        self.write()?;
+        self.services.insert(*key, *value);
+        Ok(())
+    }
+
+    fn del_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
+        self.write()?;
+        self.services.remove(key);
+        Ok(())
+    }
+
+    fn reset_service_stats(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.write()?;
+        self.counters.services.remove(&id);
+        Ok(())
+    }
+
+    fn reset_backend_stats(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.write()?;
+        self.counters.backends.remove(&id);
+        Ok(())
+    }
+
+    fn counters(&self, services: &[u32], backends: &[u32]) -> Result<Counters, DataplaneError> {
+        let mut c = self.counters.clone();
+        c.global.resize(Counter::COUNT as usize, 0);
+        c.drops.resize(DropReason::COUNT as usize, 0);
+        c.services = services
+            .iter()
+            .map(|id| (*id, self.counters.services.get(id).copied().unwrap_or_default()))
+            .collect();
+        c.backends = backends
+            .iter()
+            .map(|id| (*id, self.counters.backends.get(id).copied().unwrap_or_default()))
+            .collect();
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        plan::{plan, service_key},
+        state::{BackendSpec, Proto, ServiceSpec},
+    };
+
+    #[test]
+    fn applied_plan_reads_back_the_same() {
+        let mut s = State::default();
+        s.add_service(&ServiceSpec {
+            name: "a".into(),
+            vip: "10.0.0.10:80".into(),
+            proto: Proto::Tcp,
+            hash: Default::default(),
+            udp_idle_s: None,
+            ring_size: Some(31),
+        })
+        .unwrap();
+        for addr in ["10.0.1.1", "10.0.1.2"] {
+            s.add_backend(
+                "a",
+                &BackendSpec {
+                    addr: addr.into(),
+                    weight: None,
+                },
+            )
+            .unwrap();
+        }
+        let mut dp = MemDataplane::default();
+        let mut applied = read_applied(&dp, &s).unwrap();
+        let p = plan(&s, &Default::default(), None, &applied);
+        apply(&mut dp, &p).unwrap();
+        applied.record(&p);
+        assert_eq!(read_applied(&dp, &s).unwrap(), applied);
+        let key = service_key(&s.services[0]);
+        let picked: std::collections::BTreeSet<u32> =
+            (0..200u32).filter_map(|h| dp.lookup(&key, h.wrapping_mul(2654435761))).collect();
+        assert_eq!(picked.into_iter().collect::<Vec<_>>(), [1, 2]);
+    }
+}

@@ -1,0 +1,686 @@
+//! Desired state → map writes, as a pure function (no kernel, no I/O).
+//!
+//! [`Applied`] mirrors what the maps hold (read back at start, then updated
+//! with every plan that was applied). [`plan`] compares the desired contents
+//! with it and returns the writes that get the maps there, in an order that is
+//! safe for packets in flight:
+//! 1. counters of newly used ids are zeroed;
+//! 2. `BACKENDS` entries (a new backend exists before a ring names it);
+//! 3. slots of the *inactive* ring half of each service that differ from what
+//!    that half already holds;
+//! 4. `SERVICES` values: pointing a service at the freshly written half is one
+//!    map update, the atomic table swap;
+//! 5. `SERVICES` deletions.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use lb_common::{
+    backend_flags, backend_state,
+    maglev::{self, MaglevBackend},
+    ring_base, v4_mapped, Backend as MapBackend, ServiceKey, ServiceValue, RING_MAX,
+};
+
+use crate::state::{Service, State};
+
+/// A backend's next hop as the resolver found it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hop {
+    pub ifindex: u32,
+    pub mtu: u32,
+    pub src_mac: [u8; 6],
+    /// `None` while the neighbour is unresolved: the program falls back to
+    /// `bpf_fib_lookup` and passes to the kernel, which resolves it.
+    pub dst_mac: Option<[u8; 6]>,
+    /// The route's preferred source: the outer source address.
+    pub outer_src: IpAddr,
+}
+
+/// What the daemon knows the maps hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    /// Backend id → entry (ids with an all-zero entry are absent).
+    pub backends: BTreeMap<u32, MapBackend>,
+    /// (service id, half) → the first slots of that ring half, as far as known.
+    /// Slots past the end (or a missing half) are unknown and always written.
+    pub rings: BTreeMap<(u32, u32), Vec<u32>>,
+}
+
+/// Map writes, in the order they must be applied (see the module doc).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub reset_service_stats: Vec<u32>,
+    pub reset_backend_stats: Vec<u32>,
+    pub backends: Vec<(u32, MapBackend)>,
+    /// (service id, half, slot, backend id).
+    pub ring_writes: Vec<RingWrite>,
+    pub services: Vec<(ServiceKey, ServiceValue)>,
+    pub service_deletes: Vec<ServiceKey>,
+}
+
+/// One slot of one ring half.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingWrite {
+    pub service: u32,
+    pub half: u32,
+    pub slot: u32,
+    pub backend: u32,
+}
+
+impl RingWrite {
+    /// Index in `RINGS`.
+    pub const fn index(&self) -> u32 {
+        ring_base(self.service, self.half) + self.slot
+    }
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        *self == Plan::default()
+    }
+
+    /// One line for the log.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} backend entries, {} ring slots, {} service updates, {} service deletions",
+            self.backends.len(),
+            self.ring_writes.len(),
+            self.services.len(),
+            self.service_deletes.len()
+        )
+    }
+}
+
+/// The `SERVICES` key of a service.
+pub fn service_key(svc: &Service) -> ServiceKey {
+    ServiceKey {
+        addr: addr16(svc.vip.ip()),
+        port_be: svc.vip.port().to_be(),
+        proto: svc.proto.number(),
+        _pad: 0,
+    }
+}
+
+/// An address as every map stores it (IPv4-mapped for IPv4).
+pub fn addr16(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(a) => v4_mapped(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// The ring half a `SERVICES` value points at.
+pub const fn half_of(value: &ServiceValue) -> u32 {
+    (value.ring_base / RING_MAX) & 1
+}
+
+/// The Maglev table of a service over its active backends (empty if none).
+pub fn table(svc: &Service) -> Vec<u32> {
+    let backends: Vec<MaglevBackend> = svc
+        .active()
+        .map(|b| MaglevBackend {
+            addr: addr16(b.addr),
+            id: b.id,
+            weight: b.weight,
+        })
+        .collect();
+    if backends.is_empty() {
+        return Vec::new();
+    }
+    maglev::build(&backends, svc.ring_size)
+}
+
+/// The `BACKENDS` entry for a backend address in a given state.
+pub fn backend_entry(
+    addr: IpAddr,
+    state: u8,
+    hop: Option<&Hop>,
+    default_src: Option<IpAddr>,
+) -> MapBackend {
+    let mut entry = MapBackend {
+        addr: addr16(addr),
+        state,
+        ..MapBackend::default()
+    };
+    match hop {
+        Some(h) => {
+            entry.outer_src = addr16(h.outer_src);
+            entry.ifindex = h.ifindex;
+            entry.mtu = h.mtu.min(u16::MAX as u32) as u16;
+            entry.src_mac = h.src_mac;
+            if let Some(mac) = h.dst_mac {
+                entry.dst_mac = mac;
+                entry.flags = backend_flags::NEXTHOP;
+            }
+        }
+        None => {
+            if let Some(src) = default_src {
+                entry.outer_src = addr16(src);
+            }
+        }
+    }
+    entry
+}
+
+/// Everything `BACKENDS` should hold.
+pub fn desired_backends(
+    state: &State,
+    hops: &BTreeMap<IpAddr, Hop>,
+    default_src: Option<IpAddr>,
+) -> BTreeMap<u32, MapBackend> {
+    let mut out = BTreeMap::new();
+    for svc in &state.services {
+        for b in &svc.backends {
+            out.insert(
+                b.id,
+                backend_entry(b.addr, b.state.map_value(), hops.get(&b.addr), default_src),
+            );
+        }
+    }
+    for r in &state.removed {
+        out.insert(
+            r.id,
+            backend_entry(
+                r.addr,
+                backend_state::REMOVED,
+                hops.get(&r.addr),
+                default_src,
+            ),
+        );
+    }
+    out
+}
+
+/// The writes that take the maps from `applied` to `state`.
+pub fn plan(
+    state: &State,
+    hops: &BTreeMap<IpAddr, Hop>,
+    default_src: Option<IpAddr>,
+    applied: &Applied,
+) -> Plan {
+    let mut plan = Plan::default();
+
+    let want_backends = desired_backends(state, hops, default_src);
+    for (&id, entry) in &want_backends {
+        match applied.backends.get(&id) {
+            Some(old) if old == entry => {}
+            Some(old) if old.addr == entry.addr => plan.backends.push((id, *entry)),
+            // A new id, or an id handed to another address: fresh counters.
+            _ => {
+                plan.reset_backend_stats.push(id);
+                plan.backends.push((id, *entry));
+            }
+        }
+    }
+    for &id in applied.backends.keys() {
+        if !want_backends.contains_key(&id) {
+            plan.backends.push((id, MapBackend::default()));
+        }
+    }
+
+    let live_ids: BTreeMap<u32, &ServiceValue> =
+        applied.services.values().map(|v| (v.id, v)).collect();
+    let mut wanted_keys = BTreeSet::new();
+    for svc in &state.services {
+        let key = service_key(svc);
+        wanted_keys.insert(key);
+        let live = applied.services.get(&key).filter(|v| v.id == svc.id);
+        if live.is_none() && !live_ids.contains_key(&svc.id) {
+            plan.reset_service_stats.push(svc.id);
+        }
+        let table = table(svc);
+        let mut value = ServiceValue {
+            id: svc.id,
+            ring_base: ring_base(svc.id, 0),
+            ring_size: table.len() as u32,
+            seed: state.seed,
+            udp_idle_s: svc.udp_idle_s,
+            hash_mode: svc.hash.mode() as u8,
+            _pad: [0; 3],
+        };
+        if !table.is_empty() {
+            let live_half = live.filter(|v| v.ring_size > 0).map(half_of);
+            let unchanged = live_half.is_some_and(|h| {
+                live.map(|v| v.ring_size) == Some(table.len() as u32)
+                    && applied
+                        .rings
+                        .get(&(svc.id, h))
+                        .is_some_and(|held| held.get(..table.len()) == Some(&table[..]))
+            });
+            let half = match live_half {
+                Some(h) if unchanged => h,
+                Some(h) => 1 - h,
+                None => 0,
+            };
+            if !unchanged {
+                let held = applied
+                    .rings
+                    .get(&(svc.id, half))
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[]);
+                for (slot, &backend) in table.iter().enumerate() {
+                    if held.get(slot) != Some(&backend) {
+                        plan.ring_writes.push(RingWrite {
+                            service: svc.id,
+                            half,
+                            slot: slot as u32,
+                            backend,
+                        });
+                    }
+                }
+            }
+            value.ring_base = ring_base(svc.id, half);
+        } else if let Some(v) = live {
+            // No backend: keep pointing where it did, with an empty ring.
+            value.ring_base = v.ring_base;
+        }
+        if live != Some(&value) {
+            plan.services.push((key, value));
+        }
+    }
+    for (key, value) in &applied.services {
+        if !wanted_keys.contains(key) {
+            plan.service_deletes.push(*key);
+            if !state.services.iter().any(|s| s.id == value.id) {
+                plan.reset_service_stats.push(value.id);
+            }
+        }
+    }
+    plan.reset_service_stats.sort_unstable();
+    plan.reset_service_stats.dedup();
+    plan
+}
+
+impl Applied {
+    /// Records that `plan` was applied in full.
+    pub fn record(&mut self, plan: &Plan) {
+        for &(id, entry) in &plan.backends {
+            if entry == MapBackend::default() {
+                self.backends.remove(&id);
+            } else {
+                self.backends.insert(id, entry);
+            }
+        }
+        for w in &plan.ring_writes {
+            let ring = self.rings.entry((w.service, w.half)).or_default();
+            let slot = w.slot as usize;
+            if slot < ring.len() {
+                ring[slot] = w.backend;
+            } else if slot == ring.len() {
+                ring.push(w.backend);
+            } else {
+                // A gap would make unknown slots look known; writes come in
+                // slot order, so this only happens with a partial cache.
+                ring.truncate(0);
+            }
+        }
+        for (key, value) in &plan.services {
+            self.services.insert(*key, *value);
+        }
+        for key in &plan.service_deletes {
+            self.services.remove(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{BackendSpec, BackendState, BackendUpdate, Hash, Proto, ServiceSpec};
+
+    const RING: u64 = 13;
+
+    fn state() -> State {
+        let mut s = State::default();
+        s.add_service(&ServiceSpec {
+            name: "amqp".into(),
+            vip: "10.0.0.10:5672".into(),
+            proto: Proto::Tcp,
+            hash: Hash::FiveTuple,
+            udp_idle_s: None,
+            ring_size: Some(RING),
+        })
+        .unwrap();
+        s
+    }
+
+    fn add(s: &mut State, addr: &str) -> u32 {
+        s.add_backend(
+            "amqp",
+            &BackendSpec {
+                addr: addr.into(),
+                weight: None,
+            },
+        )
+        .unwrap()
+        .id
+    }
+
+    fn no_hops() -> BTreeMap<IpAddr, Hop> {
+        BTreeMap::new()
+    }
+
+    fn src() -> Option<IpAddr> {
+        Some("10.0.0.1".parse().unwrap())
+    }
+
+    /// Plans and records, as the daemon does after a successful apply.
+    fn step(s: &State, applied: &mut Applied) -> Plan {
+        let p = plan(s, &no_hops(), src(), applied);
+        applied.record(&p);
+        p
+    }
+
+    /// What the data plane would see: the ring the service value points at.
+    fn live_ring(s: &State, applied: &Applied) -> Vec<u32> {
+        let v = applied.services[&service_key(&s.services[0])];
+        let ring = &applied.rings[&(v.id, half_of(&v))];
+        ring[..v.ring_size as usize].to_vec()
+    }
+
+    #[test]
+    fn new_service_without_backends_has_an_empty_ring() {
+        let s = state();
+        let mut applied = Applied::default();
+        let p = step(&s, &mut applied);
+        assert_eq!(p.reset_service_stats, [1]);
+        assert!(p.ring_writes.is_empty());
+        assert_eq!(p.services.len(), 1);
+        let (key, value) = p.services[0];
+        assert_eq!(key.port_be, 5672u16.to_be());
+        assert_eq!(key.proto, lb_common::PROTO_TCP);
+        assert_eq!(key.addr, v4_mapped([10, 0, 0, 10]));
+        assert_eq!(value.ring_size, 0);
+        assert_eq!(value.udp_idle_s, 60);
+        assert!(step(&s, &mut applied).is_empty(), "a second plan is a no-op");
+    }
+
+    #[test]
+    fn first_backend_fills_half_zero_then_swaps() {
+        let mut s = state();
+        let mut applied = Applied::default();
+        step(&s, &mut applied);
+        let id1 = add(&mut s, "10.0.1.1");
+        let p = step(&s, &mut applied);
+        assert_eq!(p.reset_backend_stats, [id1]);
+        assert_eq!(p.backends.len(), 1);
+        assert_eq!(p.ring_writes.len(), RING as usize, "unknown half: every slot");
+        assert!(p.ring_writes.iter().all(|w| w.half == 0 && w.backend == id1));
+        assert_eq!(p.services[0].1.ring_size, RING as u32);
+        assert_eq!(p.services[0].1.ring_base, ring_base(1, 0));
+        assert_eq!(live_ring(&s, &applied), vec![id1; RING as usize]);
+
+        let id2 = add(&mut s, "10.0.1.2");
+        let p = step(&s, &mut applied);
+        assert!(p.ring_writes.iter().all(|w| w.half == 1), "writes the other half");
+        assert_eq!(p.services[0].1.ring_base, ring_base(1, 1), "then swaps to it");
+        let ring = live_ring(&s, &applied);
+        assert_eq!(ring, table(&s.services[0]));
+        assert!(ring.contains(&id1) && ring.contains(&id2));
+
+        // Half 0 holds the one-backend table; the next change diffs against it.
+        let id3 = add(&mut s, "10.0.1.3");
+        let p = step(&s, &mut applied);
+        let want = table(&s.services[0]);
+        let expected: Vec<u32> = want
+            .iter()
+            .enumerate()
+            .filter(|&(_, &b)| b != id1)
+            .map(|(i, _)| i as u32)
+            .collect();
+        let written: Vec<u32> = p.ring_writes.iter().map(|w| w.slot).collect();
+        assert_eq!(written, expected, "only the slots that differ are written");
+        assert!(p.ring_writes.iter().all(|w| w.half == 0));
+        assert_eq!(live_ring(&s, &applied), want);
+        assert!(want.contains(&id3));
+    }
+
+    #[test]
+    fn ring_writes_precede_the_swap_in_plan_order() {
+        let mut s = state();
+        add(&mut s, "10.0.1.1");
+        let p = plan(&s, &no_hops(), src(), &Applied::default());
+        // The struct fields are applied in declaration order; a swap only
+        // points at a half whose slots are all in ring_writes or already held.
+        let (_, v) = p.services[0];
+        let half = half_of(&v);
+        let slots: BTreeSet<u32> = p
+            .ring_writes
+            .iter()
+            .filter(|w| w.half == half)
+            .map(|w| w.slot)
+            .collect();
+        assert_eq!(slots.len(), v.ring_size as usize);
+    }
+
+    #[test]
+    fn draining_and_weight_rebuild_the_table_but_keep_entries() {
+        let mut s = state();
+        let mut applied = Applied::default();
+        let a = add(&mut s, "10.0.1.1");
+        let b = add(&mut s, "10.0.1.2");
+        step(&s, &mut applied);
+        s.set_backend(
+            "amqp",
+            "10.0.1.2",
+            &BackendUpdate {
+                weight: None,
+                state: Some(BackendState::Draining),
+            },
+        )
+        .unwrap();
+        let p = step(&s, &mut applied);
+        assert_eq!(live_ring(&s, &applied), vec![a; RING as usize]);
+        assert_eq!(p.backends.len(), 1, "the draining backend's state is written");
+        assert_eq!(p.backends[0].1.state, backend_state::DRAINING);
+        assert!(p.reset_backend_stats.is_empty());
+        assert_eq!(applied.backends[&b].addr, v4_mapped([10, 0, 1, 2]));
+
+        // Draining the last active backend: empty ring, flows still pinned.
+        s.set_backend(
+            "amqp",
+            "10.0.1.1",
+            &BackendUpdate {
+                weight: None,
+                state: Some(BackendState::Draining),
+            },
+        )
+        .unwrap();
+        let p = step(&s, &mut applied);
+        assert_eq!(p.services[0].1.ring_size, 0);
+        assert!(p.ring_writes.is_empty());
+    }
+
+    #[test]
+    fn deleted_backend_stays_as_removed() {
+        let mut s = state();
+        let mut applied = Applied::default();
+        let a = add(&mut s, "10.0.1.1");
+        let b = add(&mut s, "10.0.1.2");
+        step(&s, &mut applied);
+        s.del_backend("amqp", "10.0.1.2").unwrap();
+        let p = step(&s, &mut applied);
+        assert_eq!(p.backends, vec![(b, applied.backends[&b])]);
+        assert_eq!(applied.backends[&b].state, backend_state::REMOVED);
+        assert_eq!(applied.backends[&b].addr, v4_mapped([10, 0, 1, 2]));
+        assert_eq!(live_ring(&s, &applied), vec![a; RING as usize]);
+    }
+
+    #[test]
+    fn deleted_service_is_removed_and_its_backends_kept() {
+        let mut s = state();
+        let mut applied = Applied::default();
+        let a = add(&mut s, "10.0.1.1");
+        step(&s, &mut applied);
+        let key = service_key(&s.services[0]);
+        s.del_service("amqp").unwrap();
+        let p = step(&s, &mut applied);
+        assert_eq!(p.service_deletes, [key]);
+        assert_eq!(p.reset_service_stats, [1], "its counters are cleared");
+        assert!(applied.services.is_empty());
+        assert_eq!(applied.backends[&a].state, backend_state::REMOVED);
+    }
+
+    #[test]
+    fn reused_id_gets_fresh_counters() {
+        let mut s = state();
+        let mut applied = Applied::default();
+        let a = add(&mut s, "10.0.1.1");
+        step(&s, &mut applied);
+        // Pretend the id space is exhausted: the removed id comes back for
+        // another address.
+        s.del_backend("amqp", "10.0.1.1").unwrap();
+        step(&s, &mut applied);
+        s.removed.clear();
+        s.services[0].backends.push(crate::state::Backend {
+            id: a,
+            addr: "10.0.1.9".parse().unwrap(),
+            weight: 1,
+            state: BackendState::Active,
+        });
+        let p = step(&s, &mut applied);
+        assert_eq!(p.reset_backend_stats, [a]);
+    }
+
+    #[test]
+    fn next_hops_fill_backend_entries() {
+        let mut s = state();
+        let a = add(&mut s, "10.0.1.1");
+        let b = add(&mut s, "10.0.1.2");
+        let mut hops = BTreeMap::new();
+        hops.insert(
+            "10.0.1.1".parse().unwrap(),
+            Hop {
+                ifindex: 4,
+                mtu: 1500,
+                src_mac: [2, 0, 0, 0, 0, 1],
+                dst_mac: Some([2, 0, 0, 0, 0, 2]),
+                outer_src: "10.0.0.2".parse().unwrap(),
+            },
+        );
+        hops.insert(
+            "10.0.1.2".parse().unwrap(),
+            Hop {
+                ifindex: 4,
+                mtu: 1500,
+                src_mac: [2, 0, 0, 0, 0, 1],
+                dst_mac: None,
+                outer_src: "10.0.0.2".parse().unwrap(),
+            },
+        );
+        let want = desired_backends(&s, &hops, src());
+        assert_eq!(want[&a].flags, backend_flags::NEXTHOP);
+        assert_eq!(want[&a].dst_mac, [2, 0, 0, 0, 0, 2]);
+        assert_eq!(want[&a].ifindex, 4);
+        assert_eq!(want[&a].mtu, 1500);
+        assert_eq!(want[&a].outer_src, v4_mapped([10, 0, 0, 2]));
+        assert_eq!(want[&b].flags, 0, "no neighbour yet: fib fallback");
+        assert_eq!(want[&b].outer_src, v4_mapped([10, 0, 0, 2]));
+
+        // A neighbour appearing is one backend write, nothing else.
+        let mut applied = Applied::default();
+        applied.record(&plan(&s, &hops, src(), &applied));
+        hops.get_mut(&"10.0.1.2".parse().unwrap()).unwrap().dst_mac = Some([2, 0, 0, 0, 0, 3]);
+        let p = plan(&s, &hops, src(), &applied);
+        assert_eq!(p.backends.len(), 1);
+        assert_eq!(p.backends[0].0, b);
+        assert!(p.ring_writes.is_empty() && p.services.is_empty());
+        assert!(p.reset_backend_stats.is_empty());
+    }
+
+    #[test]
+    fn unresolved_backend_still_has_an_outer_source() {
+        let mut s = state();
+        let a = add(&mut s, "10.0.1.1");
+        let want = desired_backends(&s, &no_hops(), src());
+        assert_eq!(want[&a].outer_src, v4_mapped([10, 0, 0, 1]));
+        assert_eq!(want[&a].flags, 0);
+    }
+
+    #[test]
+    fn seed_and_idle_changes_update_the_value_only() {
+        let mut s = state();
+        let mut applied = Applied::default();
+        add(&mut s, "10.0.1.1");
+        step(&s, &mut applied);
+        s.seed = 7;
+        s.services[0].udp_idle_s = 5;
+        let p = step(&s, &mut applied);
+        assert!(p.ring_writes.is_empty());
+        assert_eq!(p.services.len(), 1);
+        assert_eq!(p.services[0].1.seed, 7);
+        assert_eq!(p.services[0].1.udp_idle_s, 5);
+    }
+
+    #[test]
+    fn restart_with_maps_read_back_writes_nothing() {
+        let mut s = state();
+        let mut applied = Applied::default();
+        add(&mut s, "10.0.1.1");
+        add(&mut s, "10.0.1.2");
+        step(&s, &mut applied);
+        add(&mut s, "10.0.1.3");
+        step(&s, &mut applied);
+        // A restarted daemon reads the maps back into a fresh `Applied`.
+        let reread = applied.clone();
+        assert!(plan(&s, &no_hops(), src(), &reread).is_empty());
+        // Without the ring contents (unknown), the rings are rewritten whole
+        // into the inactive half, never into the live one.
+        let mut blind = applied.clone();
+        blind.rings.clear();
+        let v = applied.services[&service_key(&s.services[0])];
+        let p = plan(&s, &no_hops(), src(), &blind);
+        assert!(p.ring_writes.iter().all(|w| w.half != half_of(&v)));
+        assert_eq!(p.ring_writes.len(), RING as usize);
+    }
+
+    #[test]
+    fn unknown_entries_in_the_maps_are_cleared() {
+        let s = state();
+        let mut applied = Applied::default();
+        applied.backends.insert(
+            9,
+            backend_entry("10.0.9.9".parse().unwrap(), 0, None, src()),
+        );
+        let stray = ServiceKey {
+            addr: v4_mapped([10, 9, 9, 9]),
+            port_be: 80u16.to_be(),
+            proto: 6,
+            _pad: 0,
+        };
+        applied.services.insert(
+            stray,
+            ServiceValue {
+                id: 5,
+                ..Default::default()
+            },
+        );
+        let p = plan(&s, &no_hops(), src(), &applied);
+        assert!(p.backends.contains(&(9, MapBackend::default())));
+        assert_eq!(p.service_deletes, [stray]);
+        assert_eq!(p.reset_service_stats, [1, 5]);
+    }
+
+    #[test]
+    fn weights_shape_the_table() {
+        let mut s = state();
+        s.services[0].ring_size = 65537;
+        let a = add(&mut s, "10.0.1.1");
+        let b = add(&mut s, "10.0.1.2");
+        s.set_backend(
+            "amqp",
+            "10.0.1.2",
+            &BackendUpdate {
+                weight: Some(300),
+                state: None,
+            },
+        )
+        .unwrap();
+        let counts = maglev::slot_counts(&table(&s.services[0]));
+        let ratio = counts[&b] as f64 / counts[&a] as f64;
+        assert!((2.8..3.2).contains(&ratio), "ratio {ratio}");
+    }
+}
