@@ -857,3 +857,148 @@ fn monotonic_ns() -> u64 {
 fn addr(a: [u8; 4]) -> Ipv4Addr {
     Ipv4Addr::from(a)
 }
+
+/// A throwaway network namespace for the FIB-fallback fixtures: veth
+/// `mqa` (the LB side, 10.99.1.1/24) with its peer `mqb`, both inside. Removed on drop.
+struct FibNetns {
+    name: String,
+}
+
+impl FibNetns {
+    fn new(tag: &str) -> FibNetns {
+        let name = format!("mqfx{}{tag}", std::process::id());
+        let ns = FibNetns { name };
+        ns.ip(&["netns", "add", &ns.name]);
+        for cmd in [
+            "link add mqa type veth peer name mqb",
+            "link set lo up",
+            "link set mqa up",
+            "link set mqb up",
+            "addr add 10.99.1.1/24 dev mqa",
+            "neigh replace 10.99.1.11 lladdr 02:00:00:00:00:11 nud permanent dev mqa",
+        ] {
+            let args: Vec<&str> = ["-n", &ns.name].into_iter().chain(cmd.split(' ')).collect();
+            ns.ip(&args);
+        }
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let st = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .expect("run ip");
+        assert!(st.success(), "ip {args:?} failed");
+    }
+
+    /// Runs `f` on a thread that has entered the namespace (with forwarding on).
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = std::fs::File::open(&path).expect("open netns");
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns on this thread only; the fd is valid for the call.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns {path}");
+                std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
+                    .expect("forwarding on");
+                f()
+            })
+            .join()
+            .expect("netns thread")
+        })
+    }
+
+    fn mac(&self, dev: &str) -> [u8; 6] {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &self.name, "-o", "link", "show", dev])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mac = text
+            .split("link/ether ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
+        let v: Vec<u8> = mac
+            .split(':')
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        v.try_into().unwrap()
+    }
+}
+
+impl Drop for FibNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn uncached_next_hop_falls_back_to_the_fib() {
+    if !require_root("uncached_next_hop_falls_back_to_the_fib") {
+        return;
+    }
+    let ns = FibNetns::new("f");
+    let a_mac = ns.mac("mqa");
+    let (mut lb, svc, members) = amqp_lab();
+    // Backends 1..3 without a cached next hop: 1 has a neighbour entry,
+    // 2 and 3 are on-link but unresolved.
+    {
+        let mut m: Array<&mut MapData, Backend> =
+            Array::try_from(lb.ebpf.map_mut("BACKENDS").unwrap()).unwrap();
+        for id in 1..=3u32 {
+            let mut b = m.get(&id, 0).unwrap();
+            b.flags = 0;
+            b.ifindex = 0;
+            b.dst_mac = [0; 6];
+            m.set(id, b, 0).unwrap();
+        }
+    }
+    let sport_for = |want: u32| {
+        (45000..46000u16)
+            .find(|&p| predict(&svc, &members, &flow(CLIENT, p, 5672, PROTO_TCP)) == want)
+            .expect("a port hashing to the backend")
+    };
+    let (p1, p2) = (sport_for(1), sport_for(2));
+    ns.run(|| {
+        let input = tcp_frame(CLIENT, p1, 5672, SYN, b"");
+        let before = lb.snapshot();
+        let (action, out) = lb.run(&input);
+        assert_eq!(action, XDP_REDIRECT, "resolved by the FIB, out of veth a");
+        let want = ipip_expected(
+            a_mac,
+            [2, 0, 0, 0, 0, 0x11],
+            LB_ADDR,
+            BACKENDS[0],
+            &input[14..],
+        );
+        assert_eq!(out, want, "MACs from the FIB and the neighbour table");
+        assert_eq!(before.counter(&lb.snapshot(), Counter::FibLookup), 1);
+
+        let input = tcp_frame(CLIENT, p2, 5672, SYN, b"");
+        let before = lb.snapshot();
+        let (action, out) = lb.run(&input);
+        assert_eq!(action, XDP_PASS, "no neighbour yet: the kernel resolves it");
+        assert_eq!(
+            &out[14..],
+            &expect_ipip(&input, 2)[14..],
+            "passed already encapsulated"
+        );
+        assert_eq!(before.counter(&lb.snapshot(), Counter::NexthopPass), 1);
+
+        let big = tcp_frame(CLIENT, p1, 5672, ACK, &vec![0u8; 1460]);
+        let (action, out) = lb.run(&big);
+        assert_eq!(
+            action, XDP_TX,
+            "the FIB reports the MTU: ICMP back to the client"
+        );
+        assert_eq!(&out[14 + 20..14 + 20 + 2], &[3, 4]);
+        assert_eq!(&out[14 + 26..14 + 28], &1480u16.to_be_bytes());
+    });
+}
