@@ -29,11 +29,13 @@
 //! RTM_NEWNEIGH (an attribute pushed into its add request).
 
 use std::{
+    collections::HashMap,
     net::IpAddr,
     sync::{Arc, Mutex},
 };
 
 use futures_util::{StreamExt, TryStreamExt};
+use nix::libc as libc_errno;
 use rtnetlink::{
     packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST},
     packet_route::{
@@ -152,11 +154,13 @@ impl Resolver {
         let subscribers: Subscribers = Arc::default();
         let subs = subscribers.clone();
         let events_task = tokio::spawn(async move {
-            // Any message counts, also NLMSG_OVERRUN (events were lost): re-resolve.
-            while events.next().await.is_some() {
-                notify(&subs);
+            let mut filter = EventFilter::default();
+            while let Some((msg, _)) = events.next().await {
+                if filter.relevant(&msg.payload) {
+                    notify(&subs);
+                }
             }
-            log::warn!("netlink event socket closed: next hops are no longer watched");
+            tracing::warn!("netlink event socket closed: next hops are no longer watched");
             // Dropping the senders ends every subscriber's stream.
             subs.lock().unwrap_or_else(|e| e.into_inner()).clear();
         });
@@ -167,10 +171,11 @@ impl Resolver {
         })
     }
 
-    /// A channel that receives `()` after any route, neighbour, link, address or rule
-    /// change in the namespace: re-resolve the backends then. Notifications coalesce
-    /// (capacity 1): one pending `()` stands for any number of events. `None` from
-    /// `recv` means the event socket failed; make a new resolver.
+    /// A channel that receives `()` after any route, link, address, rule or nexthop
+    /// change in the namespace, and when a neighbour's usable MAC appears, changes or
+    /// goes (not on the managed entries' refresh cycle): re-resolve the backends then.
+    /// Notifications coalesce (capacity 1): one pending `()` stands for any number of
+    /// events. `None` from `recv` means the event socket failed; make a new resolver.
     pub fn subscribe(&self) -> mpsc::Receiver<()> {
         let (tx, rx) = mpsc::channel(1);
         self.subscribers
@@ -256,7 +261,12 @@ impl Resolver {
         let reply = self.handle.route().get(msg).execute().try_next().await;
         let reply = match reply {
             Ok(Some(m)) => m,
-            Ok(None) => return Err(NextHopError::NoRoute { backend, source: None }),
+            Ok(None) => {
+                return Err(NextHopError::NoRoute {
+                    backend,
+                    source: None,
+                })
+            }
             Err(e) => {
                 return Err(match errno(&e) {
                     // ip route get: no route, unreachable / prohibit / blackhole routes.
@@ -273,7 +283,7 @@ impl Resolver {
                         request: "RTM_GETROUTE",
                         source: e,
                     },
-                })
+                });
             }
         };
         RouteInfo::from_message(backend, &reply)
@@ -311,10 +321,14 @@ impl Resolver {
             .set_link_index_filter(ifindex)
             .execute();
         let mut best: Option<(bool, IpAddr)> = None;
-        while let Some(msg) = stream.try_next().await.map_err(|source| NextHopError::Netlink {
-            request: "RTM_GETADDR",
-            source,
-        })? {
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(|source| NextHopError::Netlink {
+                request: "RTM_GETADDR",
+                source,
+            })?
+        {
             let addr = msg.attributes.iter().find_map(|a| match a {
                 AddressAttribute::Local(ip) => Some(*ip),
                 _ => None,
@@ -338,16 +352,22 @@ impl Resolver {
 
     /// One neighbour entry (`ip neigh get ADDR dev IF`), `None` when there is none.
     // Hand-written: rtnetlink's NeighbourGetRequest always dumps the whole table.
-    async fn neigh_get(&self, ifindex: u32, via: IpAddr) -> Result<Option<NeighInfo>, NextHopError> {
+    async fn neigh_get(
+        &self,
+        ifindex: u32,
+        via: IpAddr,
+    ) -> Result<Option<NeighInfo>, NextHopError> {
         let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetNeighbour(neigh_message(
             ifindex, via,
         )));
         req.header.flags = NLM_F_REQUEST;
         let mut handle = self.handle.clone();
-        let mut replies = handle.request(req).map_err(|source| NextHopError::Netlink {
-            request: "RTM_GETNEIGH",
-            source,
-        })?;
+        let mut replies = handle
+            .request(req)
+            .map_err(|source| NextHopError::Netlink {
+                request: "RTM_GETNEIGH",
+                source,
+            })?;
         while let Some(reply) = replies.next().await {
             match reply.payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(m)) => {
@@ -392,17 +412,56 @@ impl Resolver {
             Ok(()) => Ok(()),
             // Kernels before 5.16 refuse NDA_FLAGS_EXT / managed: one resolution only.
             Err(e) if matches!(errno(&e), Some(libc_errno::EINVAL | libc_errno::EOPNOTSUPP)) => {
-                log::debug!("managed neighbour refused ({e}); sending NTF_USE only");
-                request(false).await.map_err(|source| NextHopError::Netlink {
-                    request: "RTM_NEWNEIGH",
-                    source,
-                })
+                tracing::debug!(error = %e, "managed neighbour refused; sending NTF_USE only");
+                request(false)
+                    .await
+                    .map_err(|source| NextHopError::Netlink {
+                        request: "RTM_NEWNEIGH",
+                        source,
+                    })
             }
             Err(source) => Err(NextHopError::Netlink {
                 request: "RTM_NEWNEIGH",
                 source,
             }),
         }
+    }
+}
+
+/// Drops the neighbour events that change nothing `resolve` returns. A managed entry
+/// goes REACHABLE -> DELAY -> PROBE -> REACHABLE every 20-50 s, with a notification
+/// at PROBE and at REACHABLE, the MAC usable all along; without this filter every such
+/// cycle of every neighbour would make the daemon re-resolve all its backends.
+#[derive(Default)]
+struct EventFilter {
+    /// Last usable MAC (or `None`) seen per (ifindex, address).
+    neighbours: HashMap<(u32, IpAddr), Option<[u8; 6]>>,
+}
+
+impl EventFilter {
+    fn relevant(&mut self, payload: &NetlinkPayload<RouteNetlinkMessage>) -> bool {
+        let (msg, new) = match payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(m)) => (m, true),
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(m)) => (m, false),
+            // Routes, links, addresses, rules, and NLMSG_OVERRUN (events were lost).
+            _ => return true,
+        };
+        let Some(dst) = msg.attributes.iter().find_map(|a| match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+            _ => None,
+        }) else {
+            return false; // bridge FDB entries and the like: not a next hop
+        };
+        let key = (msg.header.ifindex, dst);
+        if !new {
+            return self
+                .neighbours
+                .remove(&key)
+                .is_some_and(|mac| mac.is_some());
+        }
+        let mac = usable_mac(&NeighInfo::from_message(msg));
+        self.neighbours.insert(key, mac) != Some(mac)
     }
 }
 
@@ -418,17 +477,6 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
         rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
         _ => None,
     }
-}
-
-/// The errno values this module tells apart (Linux, all architectures it runs on).
-mod libc_errno {
-    pub const ENOENT: i32 = 2;
-    pub const EACCES: i32 = 13;
-    pub const ENODEV: i32 = 19;
-    pub const EINVAL: i32 = 22;
-    pub const EOPNOTSUPP: i32 = 95;
-    pub const ENETUNREACH: i32 = 101;
-    pub const EHOSTUNREACH: i32 = 113;
 }
 
 fn neigh_message(ifindex: u32, via: IpAddr) -> NeighbourMessage {
@@ -547,7 +595,9 @@ impl NeighInfo {
                 NeighbourAttribute::LinkLayerAddress(a) => {
                     info.mac = <[u8; 6]>::try_from(a.as_slice()).ok()
                 }
-                NeighbourAttribute::ExtFlags(f) => info.managed = f.contains(NeighbourExtFlags::Managed),
+                NeighbourAttribute::ExtFlags(f) => {
+                    info.managed = f.contains(NeighbourExtFlags::Managed)
+                }
                 _ => {}
             }
         }
@@ -584,5 +634,548 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
     format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
 }
 
+/// Network-namespace lab for the root-only tests of this module and of `host`.
 #[cfg(test)]
-mod tests;
+pub(crate) mod testlab {
+    use std::{
+        process::Command,
+        sync::atomic::{AtomicU32, Ordering},
+    };
+
+    /// True when the test may go on. Not root: a loud skip, or a failure under CI=true.
+    pub(crate) fn require_root(test: &str) -> bool {
+        if nix::unistd::geteuid().is_root() {
+            return true;
+        }
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{test} needs root (network namespaces) and CI=true: not skipping");
+        }
+        eprintln!("!!!!! SKIPPED {test}: needs root (network namespaces) !!!!!");
+        false
+    }
+
+    /// Runs `ip ARGS`, panicking with its stderr on failure; returns stdout.
+    pub(crate) fn ip(args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run ip {args:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "ip {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Two namespaces `a` and `b` joined by a veth pair `va` - `vb`, with
+    /// 10.231.0.1/24 and 2001:db8:231::1/64 on `va`, .2 and ::2 on `vb`.
+    /// Deleted on drop, also when the test panics half-way through the setup.
+    pub(crate) struct Lab {
+        pub a: String,
+        pub b: String,
+        pub va: String,
+        pub vb: String,
+    }
+
+    pub(crate) const A4: &str = "10.231.0.1";
+    pub(crate) const B4: &str = "10.231.0.2";
+    pub(crate) const A6: &str = "2001:db8:231::1";
+    pub(crate) const B6: &str = "2001:db8:231::2";
+
+    impl Lab {
+        pub(crate) fn new() -> Lab {
+            static N: AtomicU32 = AtomicU32::new(0);
+            // "mqnh" + pid (<= 7 digits) + counter + a/b fits IFNAMSIZ (15).
+            let base = format!(
+                "mqnh{}x{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            );
+            let lab = Lab {
+                a: format!("{base}a"),
+                b: format!("{base}b"),
+                va: format!("{base}a"),
+                vb: format!("{base}b"),
+            };
+            assert!(lab.va.len() <= 15, "interface name {} too long", lab.va);
+            ip(&["netns", "add", &lab.a]);
+            ip(&["netns", "add", &lab.b]);
+            ip(&[
+                "link", "add", &lab.va, "netns", &lab.a, "type", "veth", "peer", "name", &lab.vb,
+                "netns", &lab.b,
+            ]);
+            for (ns, dev, v4, v6) in [(&lab.a, &lab.va, A4, A6), (&lab.b, &lab.vb, B4, B6)] {
+                ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev]);
+                ip(&[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{v6}/64"),
+                    "dev",
+                    dev,
+                    "nodad",
+                ]);
+                ip(&["-n", ns, "link", "set", "lo", "up"]);
+                ip(&["-n", ns, "link", "set", dev, "up"]);
+            }
+            lab
+        }
+
+        /// The MAC of an interface in a namespace.
+        pub(crate) fn mac(ns: &str, dev: &str) -> [u8; 6] {
+            let out = ip(&["-n", ns, "-br", "link", "show", "dev", dev]);
+            let text = out.split_whitespace().nth(2).expect("ip -br link output");
+            let bytes: Vec<u8> = text
+                .split(':')
+                .map(|h| u8::from_str_radix(h, 16).expect("hex MAC"))
+                .collect();
+            bytes.try_into().expect("6-byte MAC")
+        }
+
+        /// A "ping" from namespace `a` that needs no ping binary: one UDP datagram to
+        /// the discard port of `dst`, which makes the stack resolve `dst`; then waits
+        /// (deadline 5 s) until the neighbour entry is REACHABLE.
+        pub(crate) fn ping_from_a(&self, dst: &str) {
+            let target: std::net::SocketAddr = format!("{dst}:9").parse().expect("address");
+            in_ns(&self.a, move || {
+                let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+                sock.send_to(b"mqlb", target).expect("send");
+            });
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                let shown = ip(&["-n", &self.a, "neigh", "show", dst, "dev", &self.va]);
+                if shown.contains("REACHABLE") {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{dst} not reachable: {shown}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+
+    impl Drop for Lab {
+        fn drop(&mut self) {
+            for ns in [&self.a, &self.b] {
+                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            }
+        }
+    }
+
+    /// Runs `f` on a new thread that has joined the network namespace `ns`; a panic in
+    /// `f` fails the calling test.
+    pub(crate) fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{ns}");
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // libc's setns: nix's needs its "sched" feature, which lb-user does not enable.
+            use std::os::fd::AsRawFd;
+            // SAFETY: plain syscall on a file descriptor that `fd` keeps open.
+            let rc = unsafe { nix::libc::setns(fd.as_raw_fd(), nix::libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+
+    /// [`in_ns`] with a current-thread tokio runtime on that thread.
+    pub(crate) fn block_on_in_ns<T, F>(ns: &str, f: impl FnOnce() -> F + Send + 'static) -> T
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = T>,
+    {
+        in_ns(ns, move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime")
+                .block_on(f())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::{IpAddr, Ipv4Addr},
+        time::Duration,
+    };
+
+    use rtnetlink::packet_route::{
+        link::LinkHeader,
+        neighbour::NeighbourHeader,
+        route::{RouteHeader, RouteMessage},
+    };
+    use tokio::time::{timeout_at, Instant};
+
+    use super::{testlab::*, *};
+
+    fn v4(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn route(kind: RouteType, attrs: Vec<RouteAttribute>) -> RouteMessage {
+        let mut m = RouteMessage::default();
+        m.header = RouteHeader {
+            kind,
+            ..RouteHeader::default()
+        };
+        m.attributes = attrs;
+        m
+    }
+
+    #[test]
+    fn route_reply_parsing() {
+        let b = v4("10.9.0.5");
+        let msg = route(
+            RouteType::Unicast,
+            vec![
+                RouteAttribute::Oif(7),
+                RouteAttribute::Gateway(RouteAddress::Inet(Ipv4Addr::new(10, 9, 0, 1))),
+                RouteAttribute::PrefSource(RouteAddress::Inet(Ipv4Addr::new(10, 9, 0, 2))),
+                RouteAttribute::Metrics(vec![RouteMetric::Mtu(1400)]),
+            ],
+        );
+        assert_eq!(
+            RouteInfo::from_message(b, &msg).unwrap(),
+            RouteInfo {
+                oif: 7,
+                gateway: Some(v4("10.9.0.1")),
+                prefsrc: Some(v4("10.9.0.2")),
+                mtu: Some(1400)
+            }
+        );
+        // On-link, IPv6 gateway of an IPv4 route (RTA_VIA).
+        let msg = route(RouteType::Unicast, vec![RouteAttribute::Oif(3)]);
+        let info = RouteInfo::from_message(b, &msg).unwrap();
+        assert_eq!((info.gateway, info.prefsrc, info.mtu), (None, None, None));
+        let gw6: std::net::Ipv6Addr = "fe80::1".parse().unwrap();
+        let msg = route(
+            RouteType::Unicast,
+            vec![
+                RouteAttribute::Oif(3),
+                RouteAttribute::Via(RouteVia::Inet6(gw6)),
+            ],
+        );
+        assert_eq!(
+            RouteInfo::from_message(b, &msg).unwrap().gateway,
+            Some(IpAddr::V6(gw6))
+        );
+
+        let err = RouteInfo::from_message(b, &route(RouteType::Local, vec![])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "backend 10.9.0.5 is an address of this host"
+        );
+        let err = RouteInfo::from_message(
+            b,
+            &route(RouteType::BlackHole, vec![RouteAttribute::Oif(1)]),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                NextHopError::NotUnicast {
+                    kind: RouteType::BlackHole,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = RouteInfo::from_message(b, &route(RouteType::Unicast, vec![])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "route to backend 10.9.0.5 has no output interface"
+        );
+    }
+
+    #[test]
+    fn link_reply_parsing() {
+        let mut m = LinkMessage::default();
+        m.header = LinkHeader {
+            index: 4,
+            link_layer_type: LinkLayerType::Ether,
+            ..LinkHeader::default()
+        };
+        m.attributes = vec![
+            LinkAttribute::IfName("veth0".into()),
+            LinkAttribute::Mtu(9000),
+            LinkAttribute::Address(vec![2, 0, 0, 0, 0, 1]),
+        ];
+        let info = LinkInfo::from_message(&m);
+        assert_eq!(
+            (info.name.as_str(), info.mtu, info.mac),
+            ("veth0", 9000, Some([2, 0, 0, 0, 0, 1]))
+        );
+        // Not Ethernet (e.g. a tun device or an IPIP tunnel): no MAC to use.
+        m.header.link_layer_type = LinkLayerType::None;
+        assert_eq!(LinkInfo::from_message(&m).mac, None);
+    }
+
+    fn neigh(state: NeighbourState, mac: Option<[u8; 6]>, managed: bool) -> NeighInfo {
+        let mut m = NeighbourMessage::default();
+        m.header = NeighbourHeader {
+            state,
+            ..NeighbourHeader::default()
+        };
+        if let Some(mac) = mac {
+            m.attributes
+                .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        }
+        if managed {
+            m.attributes
+                .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+        }
+        let info = NeighInfo::from_message(&m);
+        assert_eq!(
+            info,
+            NeighInfo {
+                state,
+                mac,
+                managed
+            }
+        );
+        info
+    }
+
+    #[test]
+    fn neighbour_states() {
+        use NeighbourState::*;
+        let mac = Some([2, 0, 0, 0, 0, 9]);
+        for s in [Reachable, Delay, Probe, Permanent, Noarp] {
+            assert_eq!(usable_mac(&neigh(s, mac, false)), mac, "{s}");
+        }
+        for s in [Stale, Incomplete, Failed, None] {
+            assert_eq!(usable_mac(&neigh(s, mac, false)), Option::None, "{s}");
+        }
+        assert_eq!(
+            usable_mac(&neigh(Reachable, Option::None, true)),
+            Option::None
+        );
+
+        // Kick: missing, unmanaged, or managed but not usable; never hand-set entries.
+        assert!(needs_kick(Option::None));
+        assert!(needs_kick(Some(&neigh(Reachable, mac, false))));
+        assert!(needs_kick(Some(&neigh(Stale, mac, true))));
+        assert!(needs_kick(Some(&neigh(Failed, Option::None, true))));
+        assert!(!needs_kick(Some(&neigh(Reachable, mac, true))));
+        assert!(!needs_kick(Some(&neigh(Delay, mac, true))));
+        assert!(!needs_kick(Some(&neigh(Permanent, mac, false))));
+        assert!(!needs_kick(Some(&neigh(Noarp, mac, false))));
+    }
+
+    #[test]
+    fn notifications_coalesce_and_drop_closed_subscribers() {
+        let subs: Subscribers = Arc::default();
+        let (tx1, mut rx1) = mpsc::channel(1);
+        let (tx2, rx2) = mpsc::channel(1);
+        subs.lock().unwrap().extend([tx1, tx2]);
+        drop(rx2);
+        notify(&subs);
+        notify(&subs);
+        assert_eq!(subs.lock().unwrap().len(), 1);
+        assert_eq!(rx1.try_recv(), Ok(()));
+        assert!(rx1.try_recv().is_err(), "two events, one notification");
+    }
+
+    #[test]
+    fn event_filter_passes_only_changes() {
+        let msg = |state, mac: Option<[u8; 6]>, dst: &str| {
+            let mut m = NeighbourMessage::default();
+            m.header = NeighbourHeader {
+                ifindex: 2,
+                state,
+                ..NeighbourHeader::default()
+            };
+            m.attributes
+                .push(NeighbourAttribute::Destination(match v4(dst) {
+                    IpAddr::V4(a) => NeighbourAddress::Inet(a),
+                    IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+                }));
+            if let Some(mac) = mac {
+                m.attributes
+                    .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+            }
+            m
+        };
+        let new = |m| NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(m));
+        let del = |m| NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(m));
+        let (m1, m2) = (Some([2, 0, 0, 0, 0, 1]), Some([2, 0, 0, 0, 0, 2]));
+        use NeighbourState::*;
+        let mut f = EventFilter::default();
+        let steps = [
+            (new(msg(Incomplete, Option::None, "10.0.0.2")), true), // first sight
+            (new(msg(Reachable, m1, "10.0.0.2")), true),            // resolved
+            (new(msg(Probe, m1, "10.0.0.2")), false),               // the managed refresh cycle
+            (new(msg(Reachable, m1, "10.0.0.2")), false),
+            (new(msg(Reachable, m2, "10.0.0.2")), true), // the MAC changed
+            (new(msg(Stale, m2, "10.0.0.2")), true),     // no longer usable
+            (new(msg(Reachable, m1, "10.0.0.3")), true), // another neighbour
+            (del(msg(Failed, Option::None, "10.0.0.2")), false), // removed while unusable
+            (del(msg(Reachable, m1, "10.0.0.3")), true), // removed while in use
+            (NetlinkPayload::Overrun(vec![]), true),
+            (
+                NetlinkPayload::InnerMessage(
+                    RouteNetlinkMessage::NewRoute(RouteMessage::default()),
+                ),
+                true,
+            ),
+        ];
+        for (i, (payload, want)) in steps.into_iter().enumerate() {
+            assert_eq!(f.relevant(&payload), want, "step {i}");
+        }
+    }
+
+    /// The daemon runs `resolve` and `release` in spawned tasks: their futures must be Send.
+    #[allow(dead_code)]
+    fn futures_are_send(r: &Resolver) {
+        fn send<T: Send>(_: T) {}
+        send(r.resolve(v4(B4)));
+        send(r.release(1, v4(B4)));
+        send(Resolver::new());
+    }
+
+    #[test]
+    fn mac_format() {
+        assert_eq!(
+            format_mac(&[0x02, 0xab, 0, 1, 0x10, 0xff]),
+            "02:ab:00:01:10:ff"
+        );
+    }
+
+    /// Waits for notifications and re-resolves until the MAC is known.
+    async fn resolve_until_mac(
+        r: &Resolver,
+        events: &mut mpsc::Receiver<()>,
+        backend: IpAddr,
+    ) -> NextHop {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let nh = r.resolve(backend).await.expect("resolve");
+            if nh.dst_mac.is_some() {
+                return nh;
+            }
+            match timeout_at(deadline, events.recv()).await {
+                Ok(Some(())) => {}
+                Ok(Option::None) => panic!("event stream closed"),
+                Err(_) => panic!("{backend}: no MAC before the deadline, last {nh:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn resolves_on_link_peer_in_namespace() {
+        if !require_root("resolves_on_link_peer_in_namespace") {
+            return;
+        }
+        let lab = Lab::new();
+        lab.ping_from_a(B4);
+        let (mac_a, mac_b) = (Lab::mac(&lab.a, &lab.va), Lab::mac(&lab.b, &lab.vb));
+        let va = lab.va.clone();
+        let (nh, ifindex) = block_on_in_ns(&lab.a, move || async move {
+            let r = Resolver::new().await.expect("resolver");
+            (
+                r.resolve(v4(B4)).await.expect("resolve"),
+                crate::host::ifindex(&va).unwrap(),
+            )
+        });
+        assert_eq!(
+            nh,
+            NextHop {
+                ifindex,
+                mtu: 1500,
+                src_mac: mac_a,
+                dst_mac: Some(mac_b),
+                outer_src: v4(A4),
+                via: v4(B4),
+            }
+        );
+        // The entry is now kept fresh by the kernel.
+        let shown = ip(&["-n", &lab.a, "neigh", "show", B4, "dev", &lab.va]);
+        assert!(shown.contains("managed"), "{shown}");
+    }
+
+    #[test]
+    fn flushed_neighbour_is_resolved_again() {
+        if !require_root("flushed_neighbour_is_resolved_again") {
+            return;
+        }
+        let lab = Lab::new();
+        lab.ping_from_a(B4);
+        ip(&["-n", &lab.a, "neigh", "flush", "dev", &lab.va]);
+        let shown = ip(&["-n", &lab.a, "neigh", "show", B4, "dev", &lab.va]);
+        assert!(!shown.contains("REACHABLE"), "not flushed: {shown}");
+        let mac_b = Lab::mac(&lab.b, &lab.vb);
+        let (first, later) = block_on_in_ns(&lab.a, move || async move {
+            let r = Resolver::new().await.expect("resolver");
+            let mut events = r.subscribe();
+            let first = r.resolve(v4(B4)).await.expect("resolve");
+            (first, resolve_until_mac(&r, &mut events, v4(B4)).await)
+        });
+        assert_eq!(first.dst_mac, None, "{first:?}");
+        assert_eq!(later.dst_mac, Some(mac_b));
+        let shown = ip(&["-n", &lab.a, "neigh", "show", B4, "dev", &lab.va]);
+        assert!(shown.contains("REACHABLE"), "{shown}");
+    }
+
+    #[test]
+    fn gateway_route_mtu_ipv6_and_errors() {
+        if !require_root("gateway_route_mtu_ipv6_and_errors") {
+            return;
+        }
+        let lab = Lab::new();
+        ip(&["-n", &lab.a, "route", "add", "10.232.0.0/24", "via", B4]);
+        ip(&[
+            "-n",
+            &lab.a,
+            "route",
+            "add",
+            "10.233.0.0/24",
+            "via",
+            B4,
+            "mtu",
+            "1400",
+        ]);
+        ip(&["-n", &lab.a, "route", "add", "unreachable", "10.234.0.0/24"]);
+        let mac_b = Lab::mac(&lab.b, &lab.vb);
+        let results = block_on_in_ns(&lab.a, move || async move {
+            let r = Resolver::new().await.expect("resolver");
+            let mut events = r.subscribe();
+            let gw = resolve_until_mac(&r, &mut events, v4("10.232.0.5")).await;
+            let mtu = r.resolve(v4("10.233.0.5")).await.expect("resolve").mtu;
+            let v6 = resolve_until_mac(&r, &mut events, B6.parse().unwrap()).await;
+            let errors = [
+                r.resolve(v4(A4)).await.map(|_| ()).unwrap_err(),
+                r.resolve(v4("192.0.2.1")).await.map(|_| ()).unwrap_err(),
+                r.resolve(v4("10.234.0.1")).await.map(|_| ()).unwrap_err(),
+            ];
+            r.release(gw.ifindex, gw.via).await.expect("release");
+            (gw, mtu, v6, errors)
+        });
+        let (gw, mtu, v6, errors) = results;
+        assert_eq!(
+            (gw.via, gw.dst_mac, gw.outer_src),
+            (v4(B4), Some(mac_b), v4(A4))
+        );
+        assert_eq!(mtu, 1400);
+        assert_eq!((v6.via, v6.dst_mac), (B6.parse().unwrap(), Some(mac_b)));
+        assert_eq!(v6.outer_src, A6.parse::<IpAddr>().unwrap());
+        let [local, none, unreachable] = errors;
+        assert!(
+            matches!(local, NextHopError::LocalAddress { .. }),
+            "{local}"
+        );
+        assert_eq!(none.to_string(), "no route to backend 192.0.2.1");
+        assert!(
+            matches!(unreachable, NextHopError::NoRoute { .. }),
+            "{unreachable}"
+        );
+        let shown = ip(&["-n", &lab.a, "neigh", "show", B4, "dev", &lab.va]);
+        assert!(!shown.contains("managed"), "released: {shown}");
+    }
+}
