@@ -3,7 +3,7 @@
 //! order; [`read_applied`] reads the maps back into an [`Applied`] at start.
 //! Loading, pinning and attaching live in [`crate::loader`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap as StdHashMap};
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
 use lb_common::{
@@ -19,7 +19,7 @@ use crate::{
 /// A map operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("{op} on map {map} failed: {source}")]
+    #[error("{op} on map {map} failed")]
     Map {
         map: &'static str,
         op: &'static str,
@@ -28,7 +28,7 @@ pub enum DataplaneError {
     },
     #[error("map {map} is missing from the program object")]
     MissingMap { map: &'static str },
-    #[error("cannot count cpus: {0}")]
+    #[error("cannot count cpus")]
     Cpus(#[source] std::io::Error),
     /// Only [`MemDataplane`] produces this (failure injection in tests).
     #[error("injected failure")]
@@ -272,7 +272,7 @@ impl Dataplane for KernelDataplane {
 /// Maps in memory, for tests of everything above the kernel.
 #[derive(Clone, Debug, Default)]
 pub struct MemDataplane {
-    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub services: StdHashMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, MapBackend>,
     pub rings: BTreeMap<u32, u32>,
     pub counters: Counters,
@@ -369,11 +369,21 @@ impl Dataplane for MemDataplane {
         c.drops.resize(DropReason::COUNT as usize, 0);
         c.services = services
             .iter()
-            .map(|id| (*id, self.counters.services.get(id).copied().unwrap_or_default()))
+            .map(|id| {
+                (
+                    *id,
+                    self.counters.services.get(id).copied().unwrap_or_default(),
+                )
+            })
             .collect();
         c.backends = backends
             .iter()
-            .map(|id| (*id, self.counters.backends.get(id).copied().unwrap_or_default()))
+            .map(|id| {
+                (
+                    *id,
+                    self.counters.backends.get(id).copied().unwrap_or_default(),
+                )
+            })
             .collect();
         Ok(c)
     }
@@ -416,8 +426,9 @@ mod tests {
         applied.record(&p);
         assert_eq!(read_applied(&dp, &s).unwrap(), applied);
         let key = service_key(&s.services[0]);
-        let picked: std::collections::BTreeSet<u32> =
-            (0..200u32).filter_map(|h| dp.lookup(&key, h.wrapping_mul(2654435761))).collect();
+        let picked: std::collections::BTreeSet<u32> = (0..200u32)
+            .filter_map(|h| dp.lookup(&key, h.wrapping_mul(2654435761)))
+            .collect();
         assert_eq!(picked.into_iter().collect::<Vec<_>>(), [1, 2]);
     }
 }

@@ -1,5 +1,23 @@
 //! mqlb's control plane: the daemon that owns the XDP program and its maps,
 //! the HTTP/JSON API on a Unix socket, and the CLI that talks to it.
 //! `main.rs` only parses arguments and calls in here.
+//!
+//! - [`state`]: services, backends, ids; validation; atomic persistence.
+//! - [`plan`]: desired state → map writes (pure, tested without a kernel).
+//! - [`dataplane`]: the maps behind a trait (kernel or in memory).
+//! - [`loader`]: load, pin, attach or replace the XDP programs.
+//! - [`nexthop`], [`host`]: next hops from netlink; interface sysctls.
+//! - [`daemon`]: `mqlb up`; [`api`]: its HTTP/JSON API; [`client`]: the CLI's side.
+//! - [`cli`]: the command line.
 
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod daemon;
+pub mod dataplane;
+pub mod host;
+pub mod loader;
+pub mod nexthop;
+pub mod plan;
 pub mod programs;
+pub mod state;

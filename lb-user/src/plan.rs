@@ -13,7 +13,7 @@
 //! 5. `SERVICES` deletions.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
 };
 
@@ -29,19 +29,34 @@ use crate::state::{Service, State};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hop {
     pub ifindex: u32,
-    pub mtu: u32,
+    pub mtu: u16,
     pub src_mac: [u8; 6],
     /// `None` while the neighbour is unresolved: the program falls back to
     /// `bpf_fib_lookup` and passes to the kernel, which resolves it.
     pub dst_mac: Option<[u8; 6]>,
     /// The route's preferred source: the outer source address.
     pub outer_src: IpAddr,
+    /// The neighbour whose MAC is `dst_mac` (gateway or the backend itself).
+    pub via: IpAddr,
+}
+
+impl From<crate::nexthop::NextHop> for Hop {
+    fn from(n: crate::nexthop::NextHop) -> Self {
+        Hop {
+            ifindex: n.ifindex,
+            mtu: n.mtu,
+            src_mac: n.src_mac,
+            dst_mac: n.dst_mac,
+            outer_src: n.outer_src,
+            via: n.via,
+        }
+    }
 }
 
 /// What the daemon knows the maps hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
-    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub services: HashMap<ServiceKey, ServiceValue>,
     /// Backend id → entry (ids with an all-zero entry are absent).
     pub backends: BTreeMap<u32, MapBackend>,
     /// (service id, half) → the first slots of that ring half, as far as known.
@@ -149,7 +164,7 @@ pub fn backend_entry(
         Some(h) => {
             entry.outer_src = addr16(h.outer_src);
             entry.ifindex = h.ifindex;
-            entry.mtu = h.mtu.min(u16::MAX as u32) as u16;
+            entry.mtu = h.mtu;
             entry.src_mac = h.src_mac;
             if let Some(mac) = h.dst_mac {
                 entry.dst_mac = mac;
@@ -223,7 +238,7 @@ pub fn plan(
 
     let live_ids: BTreeMap<u32, &ServiceValue> =
         applied.services.values().map(|v| (v.id, v)).collect();
-    let mut wanted_keys = BTreeSet::new();
+    let mut wanted_keys = HashSet::new();
     for svc in &state.services {
         let key = service_key(svc);
         wanted_keys.insert(key);
@@ -289,6 +304,9 @@ pub fn plan(
             }
         }
     }
+    // Deterministic order (the key type is not `Ord`).
+    plan.service_deletes
+        .sort_unstable_by_key(|k| (k.addr, k.port_be, k.proto));
     plan.reset_service_stats.sort_unstable();
     plan.reset_service_stats.dedup();
     plan
@@ -330,6 +348,7 @@ impl Applied {
 mod tests {
     use super::*;
     use crate::state::{BackendSpec, BackendState, BackendUpdate, Hash, Proto, ServiceSpec};
+    use std::collections::BTreeSet;
 
     const RING: u64 = 13;
 
@@ -395,7 +414,10 @@ mod tests {
         assert_eq!(key.addr, v4_mapped([10, 0, 0, 10]));
         assert_eq!(value.ring_size, 0);
         assert_eq!(value.udp_idle_s, 60);
-        assert!(step(&s, &mut applied).is_empty(), "a second plan is a no-op");
+        assert!(
+            step(&s, &mut applied).is_empty(),
+            "a second plan is a no-op"
+        );
     }
 
     #[test]
@@ -407,16 +429,30 @@ mod tests {
         let p = step(&s, &mut applied);
         assert_eq!(p.reset_backend_stats, [id1]);
         assert_eq!(p.backends.len(), 1);
-        assert_eq!(p.ring_writes.len(), RING as usize, "unknown half: every slot");
-        assert!(p.ring_writes.iter().all(|w| w.half == 0 && w.backend == id1));
+        assert_eq!(
+            p.ring_writes.len(),
+            RING as usize,
+            "unknown half: every slot"
+        );
+        assert!(p
+            .ring_writes
+            .iter()
+            .all(|w| w.half == 0 && w.backend == id1));
         assert_eq!(p.services[0].1.ring_size, RING as u32);
         assert_eq!(p.services[0].1.ring_base, ring_base(1, 0));
         assert_eq!(live_ring(&s, &applied), vec![id1; RING as usize]);
 
         let id2 = add(&mut s, "10.0.1.2");
         let p = step(&s, &mut applied);
-        assert!(p.ring_writes.iter().all(|w| w.half == 1), "writes the other half");
-        assert_eq!(p.services[0].1.ring_base, ring_base(1, 1), "then swaps to it");
+        assert!(
+            p.ring_writes.iter().all(|w| w.half == 1),
+            "writes the other half"
+        );
+        assert_eq!(
+            p.services[0].1.ring_base,
+            ring_base(1, 1),
+            "then swaps to it"
+        );
         let ring = live_ring(&s, &applied);
         assert_eq!(ring, table(&s.services[0]));
         assert!(ring.contains(&id1) && ring.contains(&id2));
@@ -474,7 +510,11 @@ mod tests {
         .unwrap();
         let p = step(&s, &mut applied);
         assert_eq!(live_ring(&s, &applied), vec![a; RING as usize]);
-        assert_eq!(p.backends.len(), 1, "the draining backend's state is written");
+        assert_eq!(
+            p.backends.len(),
+            1,
+            "the draining backend's state is written"
+        );
         assert_eq!(p.backends[0].1.state, backend_state::DRAINING);
         assert!(p.reset_backend_stats.is_empty());
         assert_eq!(applied.backends[&b].addr, v4_mapped([10, 0, 1, 2]));
@@ -559,6 +599,7 @@ mod tests {
                 src_mac: [2, 0, 0, 0, 0, 1],
                 dst_mac: Some([2, 0, 0, 0, 0, 2]),
                 outer_src: "10.0.0.2".parse().unwrap(),
+                via: "10.0.1.1".parse().unwrap(),
             },
         );
         hops.insert(
@@ -569,6 +610,7 @@ mod tests {
                 src_mac: [2, 0, 0, 0, 0, 1],
                 dst_mac: None,
                 outer_src: "10.0.0.2".parse().unwrap(),
+                via: "10.0.1.2".parse().unwrap(),
             },
         );
         let want = desired_backends(&s, &hops, src());

@@ -109,7 +109,19 @@ impl StateError {
 }
 
 /// Transport protocol of a service.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     Tcp,
@@ -147,12 +159,15 @@ impl FromStr for Proto {
 }
 
 /// How a service hashes flows (see `lb_common::HashMode`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Hash {
+    /// Addresses, ports and protocol (AMQP default).
     #[default]
     FiveTuple,
+    /// Client address only: every flow of a client lands on one backend.
     SrcIp,
+    /// Five-tuple with the ports' low bit cleared: RTP and RTCP pair up.
     Rtp,
 }
 
@@ -290,6 +305,7 @@ impl Default for State {
 
 /// `service add` as the API receives it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     pub name: String,
     /// `IP:PORT` (`[v6]:PORT` for IPv6).
@@ -307,6 +323,7 @@ pub struct ServiceSpec {
 
 /// `backend add` as the API receives it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BackendSpec {
     pub addr: String,
     /// Defaults to [`DEFAULT_WEIGHT`].
@@ -316,6 +333,7 @@ pub struct BackendSpec {
 
 /// `backend set` as the API receives it; at least one field.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BackendUpdate {
     #[serde(default)]
     pub weight: Option<u64>,
@@ -339,7 +357,7 @@ pub fn parse_vip(input: &str) -> Result<SocketAddr, StateError> {
     if vip.port() == 0 {
         return Err(bad("port must be 1-65535"));
     }
-    check_unicast(vip.ip()).map_err(|r| bad(r))?;
+    check_unicast(vip.ip()).map_err(bad)?;
     Ok(vip)
 }
 
@@ -515,7 +533,11 @@ impl State {
     }
 
     /// Adds a backend to a service, active. Validates everything first.
-    pub fn add_backend(&mut self, service: &str, spec: &BackendSpec) -> Result<Backend, StateError> {
+    pub fn add_backend(
+        &mut self,
+        service: &str,
+        spec: &BackendSpec,
+    ) -> Result<Backend, StateError> {
         let addr = parse_backend_addr(&spec.addr)?;
         let weight = check_weight(spec.weight.unwrap_or(DEFAULT_WEIGHT as u64))?;
         let svc = self.service(service)?;
@@ -648,7 +670,10 @@ impl State {
                 return Err(format!("service {} appears twice", s.name));
             }
             if !(1..MAX_SERVICES).contains(&s.id) || !sids.insert(s.id) {
-                return Err(format!("service {} has a bad or repeated id {}", s.name, s.id));
+                return Err(format!(
+                    "service {} has a bad or repeated id {}",
+                    s.name, s.id
+                ));
             }
             if !vips.insert((s.vip, s.proto)) {
                 return Err(format!("{}/{} appears twice", s.vip, s.proto));
@@ -662,7 +687,10 @@ impl State {
                     return Err(format!("backend {} appears twice in {}", b.addr, s.name));
                 }
                 if !(1..MAX_BACKENDS).contains(&b.id) || !bids.insert(b.id) {
-                    return Err(format!("backend {} has a bad or repeated id {}", b.addr, b.id));
+                    return Err(format!(
+                        "backend {} has a bad or repeated id {}",
+                        b.addr, b.id
+                    ));
                 }
             }
         }
@@ -678,7 +706,7 @@ impl State {
 /// Errors reading or writing the state file.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot {action} {path}: {source}")]
+    #[error("cannot {action} {path}")]
     Io {
         action: &'static str,
         path: PathBuf,
@@ -797,7 +825,10 @@ mod tests {
             .add_service(&spec("media", "10.0.0.10:5672", Proto::Udp))
             .unwrap()
             .id;
-        assert_eq!(id, 2, "same vip:port, other protocol is a different service");
+        assert_eq!(
+            id, 2,
+            "same vip:port, other protocol is a different service"
+        );
         s.del_service("amqp").unwrap();
         let id = s
             .add_service(&spec("again", "10.0.0.11:1", Proto::Tcp))
@@ -824,18 +855,33 @@ mod tests {
         let err = s
             .add_service(&spec("x", "10.0.0.300:1", Proto::Tcp))
             .unwrap_err();
-        assert!(err.to_string().starts_with("bad address \"10.0.0.300:1\""), "{err}");
-        let err = s.add_service(&spec("x", "10.0.0.1", Proto::Tcp)).unwrap_err();
+        assert!(
+            err.to_string().starts_with("bad address \"10.0.0.300:1\""),
+            "{err}"
+        );
+        let err = s
+            .add_service(&spec("x", "10.0.0.1", Proto::Tcp))
+            .unwrap_err();
         assert!(err.to_string().contains("IP:PORT"), "{err}");
-        let err = s.add_service(&spec("x", "10.0.0.1:0", Proto::Tcp)).unwrap_err();
+        let err = s
+            .add_service(&spec("x", "10.0.0.1:0", Proto::Tcp))
+            .unwrap_err();
         assert!(err.to_string().contains("port must be 1-65535"), "{err}");
-        let err = s.add_service(&spec("x", "0.0.0.0:80", Proto::Tcp)).unwrap_err();
+        let err = s
+            .add_service(&spec("x", "0.0.0.0:80", Proto::Tcp))
+            .unwrap_err();
         assert!(err.to_string().contains("unspecified"), "{err}");
-        let err = s.add_service(&spec("-x", "10.0.0.1:80", Proto::Tcp)).unwrap_err();
+        let err = s
+            .add_service(&spec("-x", "10.0.0.1:80", Proto::Tcp))
+            .unwrap_err();
         assert!(matches!(err, StateError::BadName { .. }));
-        let err = s.add_service(&spec("a/b", "10.0.0.1:80", Proto::Tcp)).unwrap_err();
+        let err = s
+            .add_service(&spec("a/b", "10.0.0.1:80", Proto::Tcp))
+            .unwrap_err();
         assert!(matches!(err, StateError::BadName { .. }));
-        let err = s.add_service(&spec("v6", "[fd00::1]:80", Proto::Tcp)).unwrap_err();
+        let err = s
+            .add_service(&spec("v6", "[fd00::1]:80", Proto::Tcp))
+            .unwrap_err();
         assert_eq!(err, StateError::Ipv6Unsupported);
         let mut bad_ring = spec("r", "10.0.0.1:80", Proto::Tcp);
         bad_ring.ring_size = Some(65536);
@@ -844,7 +890,10 @@ mod tests {
             "ring size 65536 must be a prime number from 3 to 65537"
         );
         bad_ring.ring_size = Some(655373);
-        assert!(s.add_service(&bad_ring).is_err(), "prime but above RING_MAX");
+        assert!(
+            s.add_service(&bad_ring).is_err(),
+            "prime but above RING_MAX"
+        );
         let mut bad_idle = spec("u", "10.0.0.1:80", Proto::Udp);
         bad_idle.udp_idle_s = Some(0);
         assert_eq!(
@@ -862,8 +911,12 @@ mod tests {
     fn service_limit() {
         let mut s = State::default();
         for i in 1..MAX_SERVICES {
-            s.add_service(&spec(&format!("s{i}"), &format!("10.0.1.{i}:80"), Proto::Tcp))
-                .unwrap();
+            s.add_service(&spec(
+                &format!("s{i}"),
+                &format!("10.0.1.{i}:80"),
+                Proto::Tcp,
+            ))
+            .unwrap();
         }
         let err = s
             .add_service(&spec("last", "10.0.2.1:80", Proto::Tcp))
@@ -876,7 +929,10 @@ mod tests {
     fn backend_add_set_del() {
         let mut s = with_amqp();
         let b = s.add_backend("amqp", &be("10.0.1.2")).unwrap();
-        assert_eq!((b.id, b.weight, b.state), (1, DEFAULT_WEIGHT, BackendState::Active));
+        assert_eq!(
+            (b.id, b.weight, b.state),
+            (1, DEFAULT_WEIGHT, BackendState::Active)
+        );
         let b = s
             .add_backend(
                 "amqp",
@@ -1086,7 +1142,10 @@ mod tests {
         let store = StateStore::new(dir.path());
         fs::write(store.path(), b"not json").unwrap();
         let err = store.load().unwrap_err().to_string();
-        assert!(err.starts_with(&format!("state file {} is not valid", store.path().display())));
+        assert!(err.starts_with(&format!(
+            "state file {} is not valid",
+            store.path().display()
+        )));
         assert!(err.ends_with("fix or move it away"), "{err}");
     }
 

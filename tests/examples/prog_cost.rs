@@ -1,8 +1,15 @@
 //! Per-packet cost of the compiled programs through BPF_PROG_TEST_RUN, net of
 //! an empty XDP program measured in the same run (ENV-NOTES: repeat = 1 per
 //! call, because a rewriting program would otherwise see its own output;
-//! interleave program and baseline; report medians and per-round ratios).
+//! interleave every program with the baselines; report medians and per-round
+//! ratios, and split rounds by the VM's speed state).
+//!
 //! `cargo run --release -p mqlb-tests --example prog_cost` (root).
+//! `PROG_COST_ROUNDS` (default 11) and `PROG_COST_CALLS` (calls per program
+//! per round, default 3000) change the run length; `PROG_COST_DUMP=DIR` also
+//! writes `bpftool prog dump xlated|jited` of each program into DIR.
+
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use aya::{
     maps::{Array, HashMap, MapData},
@@ -11,42 +18,91 @@ use aya::{
 };
 use lb_common::{
     backend_flags, backend_state, maglev, ring_base, v4_mapped, Backend, CtEntry, Flow4, HashMode,
-    ServiceKey, ServiceValue, PROTO_TCP,
+    ServiceKey, ServiceValue, PROTO_TCP, PROTO_UDP,
 };
 use mqlb_tests::frames::*;
 
 const VIP: [u8; 4] = [10, 99, 0, 1];
 const CLIENT: [u8; 4] = [192, 0, 2, 10];
+const LB_ADDR: [u8; 4] = [10, 99, 1, 1];
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 
-fn run(prog: &Xdp, input: &[u8], out: &mut [u8]) -> u64 {
+fn run(prog: &Xdp, input: &[u8], out: &mut [u8]) -> (u32, u64) {
     let r = prog
         .test_run(TestRunOptions {
             data_in: Some(input),
             data_out: Some(out),
             ..Default::default()
         })
-        .expect("test run");
-    r.duration.as_nanos() as u64
+        .expect("BPF_PROG_TEST_RUN");
+    (r.return_value, r.duration.as_nanos() as u64)
 }
 
-fn median(v: &mut [u64]) -> u64 {
-    v.sort_unstable();
+fn median<T: Copy + PartialOrd>(v: &[T]) -> T {
+    let mut v = v.to_vec();
+    v.sort_unstable_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
 
-fn main() {
-    let mut lb: Ebpf = EbpfLoader::new()
-        .map_max_entries("CT4", 65536)
-        .load(lb_user::programs::LB_OBJECT)
-        .expect("load mqlb (root?)");
-    let p: &mut Xdp = lb.program_mut("mqlb").unwrap().try_into().unwrap();
-    p.load().unwrap();
-    let mut base = EbpfLoader::new()
-        .load(lb_user::programs::BASELINE_OBJECT)
-        .unwrap();
-    let p: &mut Xdp = base.program_mut("xdp_pass").unwrap().try_into().unwrap();
-    p.load().unwrap();
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
+fn load(object: &[u8], program: &str) -> Ebpf {
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries("CT4", 65536)
+        .load(object)
+        .unwrap_or_else(|e| panic!("load the object of {program} (root?): {e}"));
+    let p: &mut Xdp = ebpf.program_mut(program).unwrap().try_into().unwrap();
+    p.load()
+        .unwrap_or_else(|e| panic!("the verifier rejects {program}: {e}"));
+    ebpf
+}
+
+fn xdp<'a>(ebpf: &'a Ebpf, program: &str) -> &'a Xdp {
+    ebpf.program(program).unwrap().try_into().unwrap()
+}
+
+/// What the verifier and the JIT made of a program.
+fn describe(name: &str, prog: &Xdp, dump: Option<&str>) {
+    let info = prog.info().expect("bpf_prog_info");
+    let xlated = info.size_translated().unwrap_or(0) / 8;
+    let verified = info
+        .verified_instruction_count()
+        .map_or("-".to_string(), |n| n.to_string());
+    println!(
+        "{name:<14} {:>6} {xlated:>12} {:>10} {verified:>15}",
+        info.id(),
+        info.size_jitted()
+    );
+    if let Some(dir) = dump {
+        for kind in ["xlated", "jited"] {
+            let out = std::process::Command::new("bpftool")
+                .args(["prog", "dump", kind, "id", &info.id().to_string()])
+                .output()
+                .expect("run bpftool");
+            std::fs::write(format!("{dir}/{name}.{kind}"), out.stdout).expect("write the dump");
+        }
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Backends 1..=3, a TCP service (AMQP, five-tuple) and a UDP one (RTP), one
+/// established flow of each in conntrack.
+fn set_up_lb(lb: &mut Ebpf) -> (Flow4, Flow4) {
     let backends: Vec<[u8; 4]> = (1..=3).map(|i| [10, 99, 1, 10 + i]).collect();
     {
         let mut m: Array<&mut MapData, Backend> =
@@ -54,7 +110,7 @@ fn main() {
         for (i, a) in backends.iter().enumerate() {
             let b = Backend {
                 addr: v4_mapped(*a),
-                outer_src: v4_mapped([10, 99, 1, 1]),
+                outer_src: v4_mapped(LB_ADDR),
                 ifindex: 1,
                 mtu: 1500,
                 flags: backend_flags::NEXTHOP,
@@ -78,86 +134,225 @@ fn main() {
     {
         let mut rings: Array<&mut MapData, u32> =
             Array::try_from(lb.map_mut("RINGS").unwrap()).unwrap();
-        for (i, id) in table.iter().enumerate() {
-            rings.set(ring_base(1, 0) + i as u32, *id, 0).unwrap();
+        for id in [1, 2] {
+            for (i, b) in table.iter().enumerate() {
+                rings.set(ring_base(id, 0) + i as u32, *b, 0).unwrap();
+            }
         }
-        let mut svcs: HashMap<&mut MapData, ServiceKey, ServiceValue> =
-            HashMap::try_from(lb.map_mut("SERVICES").unwrap()).unwrap();
-        svcs.insert(
-            ServiceKey {
-                addr: v4_mapped(VIP),
-                port_be: 5672u16.to_be(),
-                proto: PROTO_TCP,
-                _pad: 0,
-            },
-            ServiceValue {
-                id: 1,
-                ring_base: ring_base(1, 0),
-                ring_size: 65537,
-                seed: 1,
-                udp_idle_s: 60,
-                hash_mode: HashMode::FiveTuple as u8,
-                _pad: [0; 3],
-            },
-            0,
-        )
-        .unwrap();
-        let mut ct: HashMap<&mut MapData, Flow4, CtEntry> =
-            HashMap::try_from(lb.map_mut("CT4").unwrap()).unwrap();
-        let f = Flow4 {
-            src: CLIENT,
-            dst: VIP,
-            sport_be: 40000u16.to_be(),
-            dport_be: 5672u16.to_be(),
-            proto: PROTO_TCP,
+    }
+    let mut svcs: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+        HashMap::try_from(lb.map_mut("SERVICES").unwrap()).unwrap();
+    for (id, port, proto, mode) in [
+        (1, 5672u16, PROTO_TCP, HashMode::FiveTuple),
+        (2, 5004u16, PROTO_UDP, HashMode::Rtp),
+    ] {
+        let key = ServiceKey {
+            addr: v4_mapped(VIP),
+            port_be: port.to_be(),
+            proto,
+            _pad: 0,
+        };
+        let value = ServiceValue {
+            id,
+            ring_base: ring_base(id, 0),
+            ring_size: 65537,
+            seed: 1,
+            udp_idle_s: 3600,
+            hash_mode: mode as u8,
             _pad: [0; 3],
         };
-        ct.insert(
-            f,
-            CtEntry {
-                backend: 2,
-                _pad: 0,
-                seen_ns: 0,
-            },
-            0,
-        )
-        .unwrap();
+        svcs.insert(key, value, 0).unwrap();
     }
-    let ip = Ip4::new(CLIENT, VIP, PROTO_TCP);
-    let established = frame(&ip, &tcp(&ip, 40000, 5672, ACK, &[0u8; 64]));
-    let syn = frame(&ip, &tcp(&ip, 40001, 5672, SYN, b""));
-    let other = {
-        let ip = Ip4::new(CLIENT, [10, 99, 0, 2], PROTO_TCP);
-        frame(&ip, &tcp(&ip, 40000, 22, ACK, &[0u8; 64]))
+    let flow = |sport: u16, dport: u16, proto| Flow4 {
+        src: CLIENT,
+        dst: VIP,
+        sport_be: sport.to_be(),
+        dport_be: dport.to_be(),
+        proto,
+        _pad: [0; 3],
     };
-    let lbp: &Xdp = lb.program("mqlb").unwrap().try_into().unwrap();
-    let empty: &Xdp = base.program("xdp_pass").unwrap().try_into().unwrap();
-    let mut out = vec![0u8; 2048];
-    let paths: [(&str, &[u8]); 3] = [
-        ("pass-through (not a service)", &other),
-        ("established TCP (conntrack hit)", &established),
-        ("new TCP (SYN, Maglev)", &syn),
-    ];
-    println!(
-        "{:<34} {:>10} {:>10} {:>10}",
-        "path", "ns/pkt", "floor", "net"
-    );
-    for (name, input) in paths {
-        let mut nets = Vec::new();
-        let (mut all_p, mut all_f) = (Vec::new(), Vec::new());
-        for _round in 0..9 {
-            let (mut pv, mut fv) = (Vec::new(), Vec::new());
-            for _ in 0..2000 {
-                fv.push(run(empty, input, &mut out));
-                pv.push(run(lbp, input, &mut out));
-            }
-            let (p, f) = (median(&mut pv), median(&mut fv));
-            nets.push(p as i64 - f as i64);
-            all_p.push(p);
-            all_f.push(f);
-        }
-        nets.sort_unstable();
-        let (p, f) = (median(&mut all_p), median(&mut all_f));
-        println!("{name:<34} {p:>10} {f:>10} {:>10}", nets[nets.len() / 2]);
+    let (tcp_flow, udp_flow) = (flow(40000, 5672, PROTO_TCP), flow(30000, 5004, PROTO_UDP));
+    let mut ct: HashMap<&mut MapData, Flow4, CtEntry> =
+        HashMap::try_from(lb.map_mut("CT4").unwrap()).unwrap();
+    for (f, seen_ns) in [(tcp_flow, 0), (udp_flow, monotonic_ns())] {
+        let e = CtEntry {
+            backend: 2,
+            _pad: 0,
+            seen_ns,
+        };
+        ct.insert(f, e, 0).unwrap();
     }
+    (tcp_flow, udp_flow)
+}
+
+/// One measured path: a program, a frame, and the verdict it must give.
+struct Path<'a> {
+    name: &'static str,
+    prog: &'a Xdp,
+    input: Vec<u8>,
+    action: u32,
+}
+
+fn main() {
+    let rounds = env_usize("PROG_COST_ROUNDS", 11).max(3);
+    let calls = env_usize("PROG_COST_CALLS", 3000).max(100);
+    let dump = std::env::var("PROG_COST_DUMP").ok();
+
+    let mut lb = load(lb_user::programs::LB_OBJECT, lb_user::programs::LB_PROGRAM);
+    let mut decap = load(
+        lb_user::programs::DECAP_OBJECT,
+        lb_user::programs::DECAP_PROGRAM,
+    );
+    let mut base = load(lb_user::programs::BASELINE_OBJECT, "xdp_pass");
+    {
+        let p: &mut Xdp = base.program_mut("xdp_swap_tx").unwrap().try_into().unwrap();
+        p.load().expect("the verifier accepts xdp_swap_tx");
+    }
+    set_up_lb(&mut lb);
+    {
+        let mut addrs: HashMap<&mut MapData, [u8; 16], u32> =
+            HashMap::try_from(decap.map_mut("DECAP_ADDRS").unwrap()).unwrap();
+        addrs.insert(v4_mapped([10, 99, 1, 12]), 1, 0).unwrap();
+    }
+
+    let lbp = xdp(&lb, lb_user::programs::LB_PROGRAM);
+    let decapp = xdp(&decap, lb_user::programs::DECAP_PROGRAM);
+    let empty = xdp(&base, "xdp_pass");
+    let swap = xdp(&base, "xdp_swap_tx");
+
+    println!(
+        "{:<14} {:>6} {:>12} {:>10} {:>15}",
+        "program", "id", "xlated insn", "JIT bytes", "verifier insns"
+    );
+    if let Some(dir) = dump.as_deref() {
+        std::fs::create_dir_all(dir).expect("create PROG_COST_DUMP");
+    }
+    for (name, prog) in [
+        ("mqlb", lbp),
+        ("mqlb_decap", decapp),
+        ("xdp_pass", empty),
+        ("xdp_swap_tx", swap),
+    ] {
+        describe(name, prog, dump.as_deref());
+    }
+
+    let tcp_ip = Ip4::new(CLIENT, VIP, PROTO_TCP);
+    let udp_ip = Ip4::new(CLIENT, VIP, PROTO_UDP);
+    let other_ip = Ip4::new(CLIENT, [10, 99, 0, 2], PROTO_TCP);
+    let established = frame(&tcp_ip, &tcp(&tcp_ip, 40000, 5672, ACK, &[0u8; 64]));
+    let paths = vec![
+        Path {
+            name: "swap MACs + XDP_TX (baseline)",
+            prog: swap,
+            input: established.clone(),
+            action: XDP_TX,
+        },
+        Path {
+            name: "pass-through (not a service)",
+            prog: lbp,
+            input: frame(&other_ip, &tcp(&other_ip, 40000, 22, ACK, &[0u8; 64])),
+            action: XDP_PASS,
+        },
+        Path {
+            name: "established TCP (ct hit)",
+            prog: lbp,
+            input: established,
+            action: XDP_TX,
+        },
+        Path {
+            name: "UDP rtp flow (ct hit)",
+            prog: lbp,
+            input: frame(&udp_ip, &udp(&udp_ip, 30000, 5004, &[0x80; 172])),
+            action: XDP_TX,
+        },
+        Path {
+            name: "new TCP (SYN, Maglev)",
+            prog: lbp,
+            input: frame(&tcp_ip, &tcp(&tcp_ip, 40001, 5672, SYN, b"")),
+            action: XDP_TX,
+        },
+        Path {
+            name: "decap (IPIP to a local addr)",
+            prog: decapp,
+            input: {
+                let inner = frame(&tcp_ip, &tcp(&tcp_ip, 40000, 5672, ACK, &[0u8; 64]));
+                ipip_expected(LB_MAC, LB_MAC, LB_ADDR, [10, 99, 1, 12], &inner[14..])
+            },
+            action: XDP_PASS,
+        },
+    ];
+
+    // A benchmark that measured a drop path would look fast: check verdicts first.
+    let mut out = vec![0u8; 2048];
+    for p in &paths {
+        let (action, _) = run(p.prog, &p.input, &mut out);
+        assert_eq!(action, p.action, "{}: unexpected verdict", p.name);
+    }
+
+    // rows[r][i]: median ns/packet of path i in round r; floors[r] the empty program's.
+    let mut floors = Vec::new();
+    let mut rows: Vec<Vec<u64>> = Vec::new();
+    let mut samples: Vec<Vec<u64>> = vec![Vec::with_capacity(calls); paths.len()];
+    let mut floor_samples = Vec::with_capacity(calls);
+    let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as usize;
+    for round in 0..rounds {
+        floor_samples.clear();
+        samples.iter_mut().for_each(Vec::clear);
+        for call in 0..calls {
+            floor_samples.push(run(empty, &paths[0].input, &mut out).1);
+            // Rotate the order so no path always runs right after the floor.
+            let n = paths.len();
+            for k in 0..n {
+                let i = (k + call + round + seed) % n;
+                samples[i].push(run(paths[i].prog, &paths[i].input, &mut out).1);
+            }
+        }
+        floors.push(median(&floor_samples));
+        rows.push(samples.iter().map(|s| median(s)).collect());
+    }
+
+    let fastest = *floors.iter().min().unwrap();
+    let fast: Vec<usize> = (0..rounds)
+        .filter(|&r| floors[r] as f64 <= 1.25 * fastest as f64)
+        .collect();
+    println!(
+        "\n{rounds} rounds x {calls} calls per program, interleaved; empty-program floor per round (ns): {:?}",
+        floors
+    );
+    println!(
+        "fast rounds (floor <= 1.25 x lowest): {} of {rounds}\n",
+        fast.len()
+    );
+    println!(
+        "{:<30} {:>7} {:>6} {:>6} {:>9} {:>9} {:>7}  per-round ratio to the empty program",
+        "path", "ns/pkt", "floor", "net", "net fast", "net-swap", "ratio"
+    );
+    for (i, p) in paths.iter().enumerate() {
+        let nets: Vec<i64> = (0..rounds)
+            .map(|r| rows[r][i] as i64 - floors[r] as i64)
+            .collect();
+        let fast_nets: Vec<i64> = fast.iter().map(|&r| nets[r]).collect();
+        let over_swap: Vec<i64> = (0..rounds)
+            .map(|r| rows[r][i] as i64 - rows[r][0] as i64)
+            .collect();
+        let ratios: Vec<f64> = (0..rounds)
+            .map(|r| rows[r][i] as f64 / floors[r] as f64)
+            .collect();
+        let shown: Vec<String> = ratios.iter().map(|x| format!("{x:.2}")).collect();
+        println!(
+            "{:<30} {:>7} {:>6} {:>6} {:>9} {:>9} {:>7.2}  {}",
+            p.name,
+            median(&rows.iter().map(|row| row[i]).collect::<Vec<_>>()),
+            median(&floors),
+            median(&nets),
+            median(&fast_nets),
+            median(&over_swap),
+            median(&ratios),
+            shown.join(" ")
+        );
+    }
+    println!(
+        "\nnet: per-round median minus the empty program's, median over rounds; \
+         net fast: the same over fast rounds only; net-swap: minus the swap-MACs baseline."
+    );
 }

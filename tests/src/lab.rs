@@ -3,11 +3,11 @@
 //! `cargo xtask demo` (the `lab` binary).
 //!
 //! ```text
-//!  netns mqlab-P-N-c ─┐                     ┌─ netns mqlab-P-N-b1  VIP on lo, `mqlb decap`
-//!  client 10.X.0.2    │   netns mqlab-P-N-br │   10.X.0.11 (b2 .12, b3 .13 alike)
-//!  VIP/32 via LB ─────┼── bridge br0 ────────┤
-//!  netns mqlab-P-N-lb ┘                      └─ ...
-//!  LB 10.X.0.1, `mqlb up --iface mlP-Nl`
+//!  netns mqlab-P-N-c ──┐                       ┌── netns mqlab-P-N-b1: 10.X.0.11,
+//!  client 10.X.0.2,    │  netns mqlab-P-N-br   │   VIP on lo, `mqlb decap`, servers
+//!  VIP/32 via the LB   ├── bridge br0 ─────────┼── mqlab-P-N-b2 (.12), -b3 (.13)
+//!  netns mqlab-P-N-l ──┘                       │
+//!  LB 10.X.0.1, `mqlb up --iface mlP-Nl`       (VIP 10.X.100.1)
 //! ```
 //! Client → VIP goes to the LB (the client's route), the LB's XDP program
 //! wraps it in IPIP and sends it back out of the same port (XDP_TX) to the
@@ -18,8 +18,10 @@
 //! and parallel runs never collide: namespaces `mqlab-{pid}-{n}-{role}`,
 //! interfaces `ml{pid base36}-{n base36}{role}` (≤ 15 bytes; the daemon pins
 //! under `/sys/fs/bpf/mqlb/<iface>/`, so interface names must be unique
-//! host-wide). Everything is removed on drop, also when a test panics; what
-//! a killed run left behind is removed by the next lab (its PID is gone).
+//! host-wide), temp dirs `/tmp/mqlb-lab-{pid}-*` (socket, state, logs).
+//! Everything is removed on drop, also when a test panics; what a killed run
+//! left behind is removed by the next lab (its PID is gone), and its daemon
+//! got SIGTERM when it died (parent-death signal).
 
 use crate::netns::{self, command_line, output, Netns};
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -46,6 +48,8 @@ use std::time::{Duration, Instant};
 pub const NETNS_PREFIX: &str = "mqlab-";
 /// Prefix of every lab interface (`ml{pid36}-...`).
 pub const IFACE_PREFIX: &str = "ml";
+/// Prefix of every lab's temp dir (`/tmp/mqlb-lab-{pid}-XXXX`: socket, state, logs).
+pub const TMP_PREFIX: &str = "mqlb-lab-";
 /// Where the daemon pins each interface's program and maps.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/mqlb";
 
@@ -240,10 +244,26 @@ fn base36(mut n: u32) -> String {
     String::from_utf8(out).expect("ascii")
 }
 
-/// Removes what labs of dead processes left behind: namespaces and pins.
+/// Removes what labs of dead processes left behind: namespaces, pins and
+/// temp dirs (their names carry the PID of the process that made them).
 pub fn remove_stale() {
     for name in netns::remove_stale(NETNS_PREFIX) {
         eprintln!("lab: removed stale namespace {name}");
+    }
+    if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix(TMP_PREFIX)
+                .and_then(|rest| rest.split_once('-'))
+                .and_then(|(pid, _)| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !netns::pid_alive(pid) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
     }
     let Ok(dir) = std::fs::read_dir(PIN_ROOT) else {
         return;
@@ -263,8 +283,21 @@ pub fn remove_stale() {
     }
 }
 
+/// An error that ends a [`wait_for`] at once (the process it waits on died).
+#[derive(Debug)]
+pub struct GiveUp(pub String);
+
+impl std::fmt::Display for GiveUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for GiveUp {}
+
 /// Polls `check` until it returns `Ok(Some(v))` or `deadline` passes; the
-/// error then names `what` and the last failure.
+/// error then names `what` and the last failure. Other errors are retried,
+/// except a [`GiveUp`], which ends the wait at once.
 pub fn wait_for<T>(
     what: &str,
     deadline: Duration,
@@ -276,6 +309,9 @@ pub fn wait_for<T>(
         match check() {
             Ok(Some(v)) => return Ok(v),
             Ok(None) => {}
+            Err(e) if e.downcast_ref::<GiveUp>().is_some() => {
+                return Err(e.context(format!("while waiting for {what}")))
+            }
             Err(e) => last = format!("{e:#}"),
         }
         if start.elapsed() >= deadline {
@@ -318,7 +354,7 @@ impl Lab {
             id,
             mqlb,
             dir: tempfile::Builder::new()
-                .prefix("mqlb-lab-")
+                .prefix(&format!("{TMP_PREFIX}{pid}-"))
                 .tempdir()
                 .context("cannot create the lab's temp dir")?,
             daemon: None,
@@ -429,6 +465,11 @@ impl Lab {
             .expect("lab namespace exists")
     }
 
+    /// The `mqlb` binary the lab runs.
+    pub fn mqlb_path(&self) -> &Path {
+        &self.mqlb
+    }
+
     /// The daemon's API socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("mqlb.sock")
@@ -454,6 +495,18 @@ impl Lab {
             // Own process group: a Ctrl-C at the terminal reaches the lab,
             // which stops its children itself, in order.
             .process_group(0);
+        // SAFETY: the closure runs between fork and exec and only makes one
+        // syscall (prctl), which is async-signal-safe.
+        unsafe {
+            // Should the lab die without its Drop (SIGKILL, abort), the
+            // daemon gets SIGTERM instead of living on; the next lab then
+            // removes the namespaces and pins (`remove_stale`). The signal
+            // follows the creating *thread*: a Lab is dropped on the thread
+            // that started it.
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)
+            });
+        }
         let line = command_line(&cmd);
         let child = cmd
             .spawn()
@@ -481,11 +534,12 @@ impl Lab {
         wait_for("the daemon to answer on its socket", START_DEADLINE, || {
             let proc = self.daemon.as_mut().expect("daemon started");
             if let Some(status) = proc.child.try_wait()? {
-                bail!(
+                return Err(GiveUp(format!(
                     "{} exited with {status}; its log:\n{}",
                     proc.what,
                     log_tail(&proc.log, 40)
-                );
+                ))
+                .into());
             }
             if !socket.exists() {
                 bail!("{} does not exist yet", socket.display());
@@ -501,7 +555,13 @@ impl Lab {
             }
             Ok(Some(()))
         })
-        .map_err(|e| anyhow!("{e:#}\ndaemon log:\n{}", log_tail(&self.daemon_log(), 40)))
+        .map_err(|e| {
+            if e.downcast_ref::<GiveUp>().is_some() {
+                e // already quotes the log
+            } else {
+                anyhow!("{e:#}\ndaemon log:\n{}", log_tail(&self.daemon_log(), 40))
+            }
+        })
     }
 
     fn start_decaps(&mut self) -> Result<()> {
@@ -522,7 +582,7 @@ impl Lab {
             cmd.arg(format!("--net={}", path.display()))
                 .arg("--")
                 .arg(&self.mqlb)
-                .args(["decap", "--iface", &iface]);
+                .args(["decap", "--iface", &iface, "--mode", self.mode.as_arg()]);
             let proc = self.spawn("mqlb decap", cmd, &format!("decap-{iface}.log"))?;
             self.decaps.push(Decap {
                 ns: ns.clone(),
@@ -535,11 +595,12 @@ impl Lab {
             wait_for(&format!("`mqlb decap` on {iface}"), START_DEADLINE, || {
                 if let Some(status) = decap.proc.child.try_wait()? {
                     if !status.success() {
-                        bail!(
+                        return Err(GiveUp(format!(
                             "{} exited with {status}; its log:\n{}",
                             decap.proc.what,
                             log_tail(&decap.proc.log, 40)
-                        );
+                        ))
+                        .into());
                     }
                 }
                 Ok(xdp_attached(&ns, &iface)?.then_some(()))
@@ -635,12 +696,14 @@ impl Lab {
         let stats = self
             .mqlb(&["stats", "--json"])
             .unwrap_or_else(|e| format!("(stats failed: {e:#})"));
-        let lb_sysctls: Vec<String> = ["net.ipv4.ip_forward", "net.ipv4.conf.all.accept_local"]
+        // What `mqlb up` sets on its interface (the lab does not).
+        let lb_sysctls: Vec<String> = ["forwarding", "accept_local", "send_redirects", "rp_filter"]
             .iter()
-            .map(|k| {
+            .map(|leaf| {
+                let k = format!("net.ipv4.conf.{}.{leaf}", self.lb.iface);
                 let v = self
                     .netns(&self.lb.ns)
-                    .sysctl_get(k)
+                    .sysctl_get(&k)
                     .unwrap_or_else(|e| format!("? ({e})"));
                 format!("{k}={v}")
             })
@@ -663,12 +726,16 @@ impl Lab {
         }
         self.servers.clear();
         if let Some(mut proc) = self.daemon.take() {
-            stop_proc(&mut proc);
+            // What a user does: `mqlb down` stops the daemon through its
+            // socket and removes the pins; then make sure, by PID.
             let mut down = self.lb.command(&self.mqlb);
-            down.args(["down", "--iface", &self.lb.iface]);
+            down.arg("--socket")
+                .arg(self.socket())
+                .args(["down", "--iface", &self.lb.iface]);
             if let Err(e) = output(&mut down) {
                 eprintln!("lab cleanup: {e:#}");
             }
+            stop_proc(&mut proc);
         }
         for mut d in std::mem::take(&mut self.decaps) {
             stop_proc(&mut d.proc);
@@ -838,7 +905,9 @@ fn serve_tcp_conn(name: &str, stream: TcpStream) -> std::io::Result<()> {
     // A client that vanished (its namespace deleted) must not pin a thread.
     stream.set_read_timeout(Some(Duration::from_secs(300)))?;
     let mut out = stream.try_clone()?;
-    writeln!(out, "HELLO {name} {local} {peer}")?;
+    // One write per line, no Nagle wait: a reply is one segment.
+    stream.set_nodelay(true)?;
+    out.write_all(format!("HELLO {name} {local} {peer}\n").as_bytes())?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     loop {
@@ -863,9 +932,9 @@ fn serve_tcp_conn(name: &str, stream: TcpStream) -> std::io::Result<()> {
                 h = fnv1a64(h, &buf[..got]);
                 left -= got;
             }
-            writeln!(out, "{name} BULK {total} {h:016x}")?;
+            out.write_all(format!("{name} BULK {total} {h:016x}\n").as_bytes())?;
         } else {
-            writeln!(out, "{name} {text}")?;
+            out.write_all(format!("{name} {text}\n").as_bytes())?;
         }
     }
 }

@@ -1,1 +1,116 @@
-fn main() {}
+//! `cargo xtask`: the project's jobs.
+//!
+//! - `setup`: installs what building and testing need on a fresh Debian 12
+//!   machine (pinned toolchain, rust-src, bpf-linker, Debian tools, bpffs),
+//!   checking first, so it is fast when everything is there.
+//! - `test`: setup, then every test layer in order, stopping at the first
+//!   failure; a layer that ran no test fails. `.ci/run` runs exactly this.
+//! - `demo`: setup, build, then the namespace lab (`mqlb-tests`' `lab` binary).
+
+mod setup;
+mod test;
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::Command;
+
+#[derive(Parser)]
+#[command(about = "mqlb's jobs: setup, test, demo")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchain, rust-src, bpf-linker, Debian tools; mount bpffs.
+    Setup {
+        /// Rebuild bpf-linker even when one is installed (into $CARGO_HOME).
+        #[arg(long, hide = true)]
+        force_bpf_linker: bool,
+    },
+    /// Run every test layer: fmt, clippy, build, host, control plane,
+    /// BPF_PROG_TEST_RUN fixtures, end-to-end lab.
+    Test,
+    /// Run the namespace lab: client, LB, three backends, traffic, stats.
+    Demo {
+        /// Arguments for the lab: --connections N, --mode skb|native, --hold.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Setup { force_bpf_linker } => setup::setup(force_bpf_linker),
+        Cmd::Test => test::test(),
+        Cmd::Demo { args } => demo(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The workspace root (this crate's parent directory).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
+
+/// `cargo` (the rustup proxy: rust-toolchain.toml picks the toolchain),
+/// run from the workspace root.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// The build's target directory (honours CARGO_TARGET_DIR and config).
+pub fn target_dir() -> Result<PathBuf> {
+    let out = cargo()
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .output()
+        .context("cannot run `cargo metadata`")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "`cargo metadata` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("`cargo metadata` printed no JSON")?;
+    v["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("`cargo metadata` has no target_directory")
+}
+
+fn demo(args: &[String]) -> Result<()> {
+    setup::setup(false)?;
+    test::run_step(
+        "build mqlb and the lab",
+        cargo().args([
+            "build",
+            "-p",
+            "lb-user",
+            "-p",
+            "mqlb-tests",
+            "--bin",
+            "mqlb",
+            "--bin",
+            "lab",
+        ]),
+    )?;
+    let debug = target_dir()?.join("debug");
+    let mut lab = Command::new(debug.join("lab"));
+    lab.args(args).env("MQLB_BIN", debug.join("mqlb"));
+    // Hand the terminal to the lab: Ctrl-C reaches it alone, and it removes
+    // the namespaces and stops what it started before it exits.
+    use std::os::unix::process::CommandExt as _;
+    let err = lab.exec();
+    Err(err).context("cannot start the lab binary")
+}

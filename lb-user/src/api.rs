@@ -1,0 +1,572 @@
+//! The daemon's HTTP/JSON API on its Unix socket (root-only, mode 0600).
+//! The CLI is one client; `curl --unix-socket /run/mqlb/mqlb.sock` another.
+//!
+//! | method and path | body | answer |
+//! |---|---|---|
+//! | `GET /v1/status` | | [`StatusView`] |
+//! | `GET /v1/services` | | `[Service]` |
+//! | `POST /v1/services` | [`ServiceSpec`] | 201 `Service` |
+//! | `GET /v1/services/{name}` | | `Service` |
+//! | `DELETE /v1/services/{name}` | | the deleted `Service` |
+//! | `GET /v1/services/{name}/backends` | | `[Backend]` |
+//! | `POST /v1/services/{name}/backends` | [`BackendSpec`] | 201 `Backend` |
+//! | `PATCH /v1/services/{name}/backends/{ip}` | [`BackendUpdate`] | `Backend` |
+//! | `DELETE /v1/services/{name}/backends/{ip}` | | the deleted `Backend` |
+//! | `GET /v1/stats` | | [`StatsView`] |
+//! | `POST /v1/shutdown` | [`ShutdownRequest`] | [`ShutdownReply`] |
+//!
+//! Errors are `{"error": "one lowercase line"}` with a 4xx status for a
+//! request a person got wrong (404 unknown, 409 conflict, 400 invalid) and
+//! 500 when the daemon failed.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use axum::{
+    extract::{rejection::JsonRejection, Path, State as AxState},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, patch, post},
+    Json, Router,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    daemon::{error_chain, CoreError, Shared},
+    loader::Attached,
+    state::{BackendSpec, BackendState, BackendUpdate, Proto, ServiceSpec},
+};
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub iface: String,
+    pub ifindex: u32,
+    pub pid: u32,
+    pub attached: Attached,
+    pub prog_id: u32,
+    pub ct_entries: u32,
+    pub pins: PathBuf,
+    pub state_file: PathBuf,
+    pub socket: PathBuf,
+    pub seed: u32,
+    pub services: usize,
+    pub backends: usize,
+    pub removed_backends: usize,
+    /// Backends whose neighbour is not resolved (the program uses the FIB).
+    pub unresolved: Vec<String>,
+}
+
+impl Default for StatusView {
+    fn default() -> Self {
+        StatusView {
+            iface: String::new(),
+            ifindex: 0,
+            pid: 0,
+            attached: Attached::Replaced,
+            prog_id: 0,
+            ct_entries: 0,
+            pins: PathBuf::new(),
+            state_file: PathBuf::new(),
+            socket: PathBuf::new(),
+            seed: 0,
+            services: 0,
+            backends: 0,
+            removed_backends: 0,
+            unresolved: Vec::new(),
+        }
+    }
+}
+
+/// `GET /v1/stats`: counters summed over CPUs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsView {
+    /// `lb_common::Counter` name → packets.
+    pub counters: BTreeMap<String, u64>,
+    /// `lb_common::DropReason` name → packets.
+    pub drops: BTreeMap<String, u64>,
+    pub services: Vec<ServiceStats>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStats {
+    pub name: String,
+    pub id: u32,
+    pub vip: SocketAddr,
+    pub proto: Proto,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub backends: Vec<BackendStats>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendStats {
+    pub addr: IpAddr,
+    pub id: u32,
+    pub state: BackendState,
+    pub weight: u32,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// `POST /v1/shutdown`: stop the daemon (used by `mqlb down`). With `iface`,
+/// refused unless the daemon serves that interface.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShutdownRequest {
+    #[serde(default)]
+    pub iface: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShutdownReply {
+    pub iface: String,
+    pub pid: u32,
+}
+
+/// An error answer: `{"error": message}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// An error with its HTTP status.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: u16, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> ApiError {
+        if e.status() >= 500 {
+            tracing::error!(error = %error_chain(&e), "api request failed");
+        }
+        ApiError::new(e.status(), error_chain(&e))
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> ApiError {
+        ApiError::new(
+            e.status().as_u16(),
+            format!("bad request body: {}", e.body_text()),
+        )
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+type St = AxState<Arc<Shared>>;
+
+/// The API's routes over the daemon's shared state.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/services", get(list_services).post(add_service))
+        .route("/v1/services/{name}", get(get_service).delete(del_service))
+        .route(
+            "/v1/services/{name}/backends",
+            get(list_backends).post(add_backend),
+        )
+        .route(
+            "/v1/services/{name}/backends/{addr}",
+            patch(set_backend).delete(del_backend),
+        )
+        .route("/v1/stats", get(stats))
+        .route("/v1/shutdown", post(shutdown))
+        .fallback(|| async { ApiError::new(404, "no such endpoint (see /v1/status)") })
+        .with_state(shared)
+}
+
+async fn status(AxState(s): St) -> Json<StatusView> {
+    Json(s.core.lock().await.status())
+}
+
+async fn list_services(AxState(s): St) -> impl IntoResponse {
+    Json(s.core.lock().await.state().services.clone())
+}
+
+async fn add_service(
+    AxState(s): St,
+    body: Result<Json<ServiceSpec>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(spec) = body?;
+    let svc = s.core.lock().await.add_service(&spec)?;
+    Ok((StatusCode::CREATED, Json(svc)))
+}
+
+async fn get_service(AxState(s): St, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(s.core.lock().await.service(&name)?))
+}
+
+async fn del_service(AxState(s): St, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(s.core.lock().await.del_service(&name)?))
+}
+
+async fn list_backends(AxState(s): St, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(s.core.lock().await.service(&name)?.backends))
+}
+
+async fn add_backend(
+    AxState(s): St,
+    Path(name): Path<String>,
+    body: Result<Json<BackendSpec>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(spec) = body?;
+    let b = s.core.lock().await.add_backend(&name, &spec)?;
+    s.poke.notify_one();
+    Ok((StatusCode::CREATED, Json(b)))
+}
+
+async fn set_backend(
+    AxState(s): St,
+    Path((name, addr)): Path<(String, String)>,
+    body: Result<Json<BackendUpdate>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(update) = body?;
+    Ok(Json(
+        s.core.lock().await.set_backend(&name, &addr, &update)?,
+    ))
+}
+
+async fn del_backend(
+    AxState(s): St,
+    Path((name, addr)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(s.core.lock().await.del_backend(&name, &addr)?))
+}
+
+async fn stats(AxState(s): St) -> ApiResult<Json<StatsView>> {
+    let core = s.core.lock().await;
+    core.stats()
+        .map(Json)
+        .map_err(|e| ApiError::new(500, format!("reading counters failed: {}", error_chain(&e))))
+}
+
+async fn shutdown(
+    AxState(s): St,
+    body: Result<Json<ShutdownRequest>, JsonRejection>,
+) -> ApiResult<Json<ShutdownReply>> {
+    let Json(req) = body?;
+    let status = s.core.lock().await.status();
+    if let Some(iface) = req.iface {
+        if iface != status.iface {
+            return Err(ApiError::new(
+                409,
+                format!(
+                    "the daemon on {} serves {}, not {iface}",
+                    status.socket.display(),
+                    status.iface
+                ),
+            ));
+        }
+    }
+    s.shutdown.send_replace(true);
+    Ok(Json(ShutdownReply {
+        iface: status.iface,
+        pid: status.pid,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        daemon::Core,
+        dataplane::MemDataplane,
+        state::{State, StateStore},
+    };
+    use axum::body::Body;
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+
+    struct T {
+        app: Router,
+        shared: Arc<Shared>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn app() -> T {
+        let dir = tempfile::tempdir().unwrap();
+        let status = StatusView {
+            iface: "eth9".into(),
+            pid: 42,
+            ..Default::default()
+        };
+        let core = Core::new(
+            State::default(),
+            StateStore::new(dir.path()),
+            Box::new(MemDataplane::default()),
+            status,
+        )
+        .unwrap();
+        let shared = Shared::new(core);
+        T {
+            app: router(shared.clone()),
+            shared,
+            _dir: dir,
+        }
+    }
+
+    async fn call(t: &T, method: &str, uri: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+        let req = axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", "application/json")
+            .body(body.map(|b| Body::from(b.to_string())).unwrap_or_default())
+            .unwrap();
+        let resp = t.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v = if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|e| panic!("{uri}: not json ({e}): {bytes:?}"))
+        };
+        (status, v)
+    }
+
+    const AMQP: &str = r#"{"name":"amqp","vip":"10.0.0.10:5672","proto":"tcp","ring_size":13}"#;
+
+    #[tokio::test]
+    async fn service_lifecycle() {
+        let t = app();
+        let (st, v) = call(&t, "POST", "/v1/services", Some(AMQP)).await;
+        assert_eq!(st, 201, "{v}");
+        assert_eq!(v["id"], 1);
+        assert_eq!(v["vip"], "10.0.0.10:5672");
+        assert_eq!(v["hash"], "five-tuple");
+        assert_eq!(v["udp_idle_s"], 60);
+        let (st, v) = call(&t, "GET", "/v1/services", None).await;
+        assert_eq!(st, 200);
+        assert_eq!(v.as_array().unwrap().len(), 1);
+        let (st, v) = call(&t, "GET", "/v1/services/amqp", None).await;
+        assert_eq!((st, &v["name"]), (200, &serde_json::json!("amqp")));
+        let (st, _) = call(&t, "DELETE", "/v1/services/amqp", None).await;
+        assert_eq!(st, 200);
+        let (st, v) = call(&t, "GET", "/v1/services/amqp", None).await;
+        assert_eq!(st, 404);
+        assert_eq!(v["error"], "unknown service amqp");
+    }
+
+    #[tokio::test]
+    async fn errors_are_json_with_4xx() {
+        let t = app();
+        call(&t, "POST", "/v1/services", Some(AMQP)).await;
+        let (st, v) = call(&t, "POST", "/v1/services", Some(AMQP)).await;
+        assert_eq!(
+            (st, v["error"].as_str().unwrap()),
+            (409, "service amqp already exists")
+        );
+        let dup_vip = r#"{"name":"b","vip":"10.0.0.10:5672","proto":"tcp"}"#;
+        let (st, v) = call(&t, "POST", "/v1/services", Some(dup_vip)).await;
+        assert_eq!(st, 409);
+        assert_eq!(
+            v["error"],
+            "10.0.0.10:5672/tcp is already used by service amqp"
+        );
+        let bad = r#"{"name":"c","vip":"nope","proto":"tcp"}"#;
+        let (st, v) = call(&t, "POST", "/v1/services", Some(bad)).await;
+        assert_eq!(st, 400);
+        assert!(
+            v["error"].as_str().unwrap().starts_with("bad address"),
+            "{v}"
+        );
+        let (st, v) = call(&t, "POST", "/v1/services", Some("{")).await;
+        assert_eq!(st, 400);
+        assert!(
+            v["error"].as_str().unwrap().starts_with("bad request body"),
+            "{v}"
+        );
+        let bad_proto = r#"{"name":"c","vip":"10.0.0.1:1","proto":"sctp"}"#;
+        let (st, _) = call(&t, "POST", "/v1/services", Some(bad_proto)).await;
+        assert_eq!(st, 422);
+        let typo = r#"{"addr":"10.0.1.1","weigth":5}"#;
+        let (st, v) = call(&t, "POST", "/v1/services/amqp/backends", Some(typo)).await;
+        assert_eq!(st, 422);
+        assert!(v["error"].as_str().unwrap().contains("unknown field `weigth`"), "{v}");
+        let (st, v) = call(&t, "GET", "/v2/nothing", None).await;
+        assert_eq!(st, 404);
+        assert!(v["error"].as_str().unwrap().contains("no such endpoint"));
+        let (st, v) = call(
+            &t,
+            "POST",
+            "/v1/services/nope/backends",
+            Some(r#"{"addr":"10.0.1.1"}"#),
+        )
+        .await;
+        assert_eq!(
+            (st, v["error"].as_str().unwrap()),
+            (404, "unknown service nope")
+        );
+    }
+
+    #[tokio::test]
+    async fn backend_lifecycle() {
+        let t = app();
+        call(&t, "POST", "/v1/services", Some(AMQP)).await;
+        let (st, v) = call(
+            &t,
+            "POST",
+            "/v1/services/amqp/backends",
+            Some(r#"{"addr":"10.0.1.1"}"#),
+        )
+        .await;
+        assert_eq!(st, 201, "{v}");
+        assert_eq!(
+            (v["id"].as_u64(), v["weight"].as_u64()),
+            (Some(1), Some(100))
+        );
+        assert_eq!(v["state"], "active");
+        let (st, v) = call(
+            &t,
+            "POST",
+            "/v1/services/amqp/backends",
+            Some(r#"{"addr":"10.0.1.2","weight":70000}"#),
+        )
+        .await;
+        assert_eq!(
+            (st, v["error"].as_str().unwrap()),
+            (400, "weight 70000 is out of range (1-65535)")
+        );
+        let (st, v) = call(
+            &t,
+            "POST",
+            "/v1/services/amqp/backends",
+            Some(r#"{"addr":"10.0.1.1"}"#),
+        )
+        .await;
+        assert_eq!(st, 409);
+        assert_eq!(
+            v["error"],
+            "backend 10.0.1.1 already exists in service amqp"
+        );
+
+        let (st, v) = call(
+            &t,
+            "PATCH",
+            "/v1/services/amqp/backends/10.0.1.1",
+            Some(r#"{"state":"draining"}"#),
+        )
+        .await;
+        assert_eq!((st, v["state"].as_str().unwrap()), (200, "draining"));
+        let (st, v) = call(
+            &t,
+            "PATCH",
+            "/v1/services/amqp/backends/10.0.1.1",
+            Some(r#"{"weight":5}"#),
+        )
+        .await;
+        assert_eq!((st, v["weight"].as_u64().unwrap()), (200, 5));
+        let (st, v) = call(&t, "GET", "/v1/services/amqp/backends", None).await;
+        assert_eq!(st, 200);
+        assert_eq!(v[0]["addr"], "10.0.1.1");
+        assert_eq!(v[0]["state"], "draining");
+        let (st, _) = call(&t, "DELETE", "/v1/services/amqp/backends/10.0.1.1", None).await;
+        assert_eq!(st, 200);
+        let (st, v) = call(&t, "DELETE", "/v1/services/amqp/backends/10.0.1.1", None).await;
+        assert_eq!(st, 404);
+        assert_eq!(v["error"], "backend 10.0.1.1 not found in service amqp");
+        assert_eq!(t.shared.core.lock().await.state().removed.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn stats_name_every_counter() {
+        let t = app();
+        call(&t, "POST", "/v1/services", Some(AMQP)).await;
+        call(
+            &t,
+            "POST",
+            "/v1/services/amqp/backends",
+            Some(r#"{"addr":"10.0.1.1","weight":3}"#),
+        )
+        .await;
+        let (st, v) = call(&t, "GET", "/v1/stats", None).await;
+        assert_eq!(st, 200, "{v}");
+        for c in lb_common::Counter::ALL {
+            assert_eq!(v["counters"][c.name()], 0, "{}", c.name());
+        }
+        for d in lb_common::DropReason::ALL {
+            assert_eq!(v["drops"][d.name()], 0, "{}", d.name());
+        }
+        let svc = &v["services"][0];
+        assert_eq!(svc["name"], "amqp");
+        assert_eq!(svc["backends"][0]["weight"], 3);
+        assert_eq!(svc["backends"][0]["state"], "active");
+        let parsed: StatsView = serde_json::from_value(v).unwrap();
+        assert_eq!(parsed.services[0].backends[0].packets, 0);
+    }
+
+    #[tokio::test]
+    async fn shutdown_checks_the_interface() {
+        let t = app();
+        let (st, v) = call(&t, "POST", "/v1/shutdown", Some(r#"{"iface":"eth0"}"#)).await;
+        assert_eq!(st, 409);
+        assert!(v["error"]
+            .as_str()
+            .unwrap()
+            .contains("serves eth9, not eth0"));
+        assert!(!*t.shared.shutdown.borrow());
+        let (st, v) = call(&t, "POST", "/v1/shutdown", Some(r#"{"iface":"eth9"}"#)).await;
+        assert_eq!((st, v["pid"].as_u64()), (200, Some(42)));
+        assert!(*t.shared.shutdown.borrow());
+    }
+
+    #[tokio::test]
+    async fn concurrent_adds_get_distinct_ids() {
+        let t = app();
+        call(&t, "POST", "/v1/services", Some(AMQP)).await;
+        let mut tasks = Vec::new();
+        for i in 1..=20 {
+            let app = t.app.clone();
+            tasks.push(tokio::spawn(async move {
+                let body = format!(r#"{{"addr":"10.0.1.{i}"}}"#);
+                let req = axum::http::Request::builder()
+                    .method("POST")
+                    .uri("/v1/services/amqp/backends")
+                    .header("content-type", "application/json")
+                    .body(Body::from(body))
+                    .unwrap();
+                app.oneshot(req).await.unwrap().status().as_u16()
+            }));
+        }
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), 201);
+        }
+        let core = t.shared.core.lock().await;
+        let mut ids: Vec<u32> = core.state().services[0]
+            .backends
+            .iter()
+            .map(|b| b.id)
+            .collect();
+        ids.sort();
+        assert_eq!(ids, (1..=20).collect::<Vec<_>>());
+    }
+}

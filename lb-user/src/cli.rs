@@ -1,0 +1,887 @@
+//! The `mqlb` command line: clap definitions, what each command does, and
+//! how its answer is printed. Commands other than `up`, `down` and `decap`
+//! are API calls to the running daemon.
+
+use std::{
+    fmt::Write as _,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use lb_common::{Counter, DropReason};
+
+use crate::{
+    api::{ShutdownReply, ShutdownRequest, StatsView},
+    client::{segment, Client, ClientError},
+    daemon::{self, ConfigFile, DaemonError, UpOptions, DEFAULT_SOCKET, DEFAULT_STATE_ROOT},
+    host,
+    loader::{self, LoadError, Mode},
+    state::{
+        parse_backend_addr, parse_vip, Backend, BackendSpec, BackendState, BackendUpdate, Hash,
+        Proto, Service, ServiceSpec, StateError, DEFAULT_UDP_IDLE_S, DEFAULT_WEIGHT,
+    },
+};
+
+/// XDP layer-4 load balancer for AMQP and RTP traffic (direct server return over IPIP).
+#[derive(Debug, Parser)]
+#[command(name = "mqlb", version, propagate_version = true)]
+pub struct Cli {
+    /// The daemon's API socket [default: /run/mqlb/mqlb.sock]
+    #[arg(long, global = true, env = "MQLB_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground: attach XDP to IF, restore the saved state, serve the API
+    Up(UpArgs),
+    /// Stop the daemon of IF and detach mqlb from IF (removes its pins; conntrack is lost)
+    Down {
+        /// Interface to detach from
+        #[arg(long, value_name = "IF")]
+        iface: String,
+    },
+    /// Add, delete and list services (VIP:PORT/PROTO)
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Add, change, delete and list the backends of a service
+    #[command(subcommand)]
+    Backend(BackendCmd),
+    /// Show counters: verdicts, drops by reason, per service and per backend
+    Stats {
+        /// Print JSON instead of tables
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attach the IPIP decapsulator to IF on a backend host (no daemon needed)
+    Decap(DecapArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Interface to load balance on
+    #[arg(long, value_name = "IF")]
+    pub iface: String,
+    /// TOML file with daemon settings: mode, socket, state_dir, ct_entries, seed (flags win)
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// XDP mode: auto tries native then falls back to skb [default: auto]
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// Directory of the saved state [default: /var/lib/mqlb/IF]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Conntrack capacity for a new conntrack map [default: 1048576, or the pinned map's size]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub ct_entries: Option<u32>,
+    /// Flow hash seed, the same on every LB of a cluster (saved) [default: the saved seed, else 0]
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Add a service
+    Add {
+        /// Name (letters, digits, '.', '_', '-')
+        name: String,
+        /// Virtual IP and port, e.g. 10.0.0.10:5672
+        #[arg(long, value_name = "IP:PORT")]
+        vip: String,
+        /// Transport protocol
+        #[arg(long, value_enum)]
+        proto: Proto,
+        /// Flow hash
+        #[arg(long, value_enum, default_value_t = Hash::FiveTuple)]
+        hash: Hash,
+        /// UDP conntrack idle timeout in seconds (1-86400)
+        #[arg(long, value_name = "SECS", default_value_t = DEFAULT_UDP_IDLE_S as u64)]
+        udp_idle: u64,
+        /// Maglev table size: a prime up to 65537
+        #[arg(long, value_name = "N", default_value_t = lb_common::RING_DEFAULT as u64)]
+        ring_size: u64,
+    },
+    /// Delete a service (its backends' established flows finish)
+    Del {
+        /// Service name
+        name: String,
+    },
+    /// List services
+    List {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackendCmd {
+    /// Add a backend to a service (active)
+    Add {
+        /// Service name
+        service: String,
+        /// Backend address (the IPIP outer destination)
+        ip: String,
+        /// Relative share of new flows (1-65535)
+        #[arg(long, value_name = "W", default_value_t = DEFAULT_WEIGHT as u64)]
+        weight: u64,
+    },
+    /// Change a backend: its weight, or drain it (no new flows) or undrain it
+    #[command(group(ArgGroup::new("change").required(true).multiple(false)))]
+    Set {
+        /// Service name
+        service: String,
+        /// Backend address
+        ip: String,
+        /// New weight (1-65535)
+        #[arg(long, value_name = "W", group = "change")]
+        weight: Option<u64>,
+        /// Take it out of the table; established flows stay
+        #[arg(long, group = "change")]
+        drain: bool,
+        /// Put it back in the table
+        #[arg(long, group = "change")]
+        undrain: bool,
+    },
+    /// Delete a backend (its established flows finish)
+    Del {
+        /// Service name
+        service: String,
+        /// Backend address
+        ip: String,
+    },
+    /// List the backends of a service
+    List {
+        /// Service name
+        service: String,
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DecapArgs {
+    /// Interface the IPIP packets arrive on
+    #[arg(long, value_name = "IF")]
+    pub iface: String,
+    /// XDP mode: auto tries native then falls back to skb
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    pub mode: Mode,
+    /// Detach the decapsulator and remove its pins instead
+    #[arg(long)]
+    pub detach: bool,
+}
+
+/// Everything a command can fail with; each prints as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Host(#[from] host::HostError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("cannot read config file {path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+    #[error("the daemon for {iface} did not exit within {secs} s")]
+    StillRunning { iface: String, secs: u64 },
+}
+
+/// Runs a parsed command line; what it prints goes to stdout.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let client = Client::new(
+        cli.socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+    );
+    match cli.command {
+        Command::Up(args) => {
+            let opts = up_options(&args, cli.socket.as_deref())?;
+            daemon::run(opts).await?;
+        }
+        Command::Down { iface } => down(&client, &iface).await?,
+        Command::Service(cmd) => service(&client, cmd).await?,
+        Command::Backend(cmd) => backend(&client, cmd).await?,
+        Command::Stats { json } => {
+            let s: StatsView = client.get("/v1/stats").await?;
+            if json {
+                println!("{}", to_json(&s));
+            } else {
+                print!("{}", format_stats(&s));
+            }
+        }
+        Command::Decap(args) => decap(&args)?,
+    }
+    Ok(())
+}
+
+/// Merges flags, the config file and defaults (flags win).
+pub fn up_options(args: &UpArgs, socket: Option<&Path>) -> Result<UpOptions, CliError> {
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| CliError::Config {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            toml::from_str::<ConfigFile>(&text).map_err(|e| CliError::Config {
+                path: path.clone(),
+                reason: e.message().to_string(),
+            })?
+        }
+        None => ConfigFile::default(),
+    };
+    Ok(UpOptions {
+        iface: args.iface.clone(),
+        mode: args.mode.or(file.mode).unwrap_or_default(),
+        socket: socket
+            .map(Path::to_path_buf)
+            .or(file.socket)
+            .unwrap_or_else(|| DEFAULT_SOCKET.into()),
+        state_dir: args
+            .state_dir
+            .clone()
+            .or(file.state_dir)
+            .unwrap_or_else(|| Path::new(DEFAULT_STATE_ROOT).join(&args.iface)),
+        ct_entries: args.ct_entries.or(file.ct_entries),
+        seed: args.seed.or(file.seed),
+    })
+}
+
+async fn service(client: &Client, cmd: ServiceCmd) -> Result<(), CliError> {
+    match cmd {
+        ServiceCmd::Add {
+            name,
+            vip,
+            proto,
+            hash,
+            udp_idle,
+            ring_size,
+        } => {
+            parse_vip(&vip)?;
+            let spec = ServiceSpec {
+                name,
+                vip,
+                proto,
+                hash,
+                udp_idle_s: Some(udp_idle),
+                ring_size: Some(ring_size),
+            };
+            let s: Service = client.post("/v1/services", &spec).await?;
+            println!(
+                "service {} added: {}/{}, hash {}, id {}",
+                s.name, s.vip, s.proto, s.hash, s.id
+            );
+        }
+        ServiceCmd::Del { name } => {
+            let s: Service = client
+                .delete(&format!("/v1/services/{}", segment(&name)))
+                .await?;
+            if s.backends.is_empty() {
+                println!("service {} deleted", s.name);
+            } else {
+                println!(
+                    "service {} deleted; its {} backends keep their established flows",
+                    s.name,
+                    s.backends.len()
+                );
+            }
+        }
+        ServiceCmd::List { json } => {
+            let list: Vec<Service> = client.get("/v1/services").await?;
+            if json {
+                println!("{}", to_json(&list));
+            } else {
+                print!("{}", format_services(&list));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn backend(client: &Client, cmd: BackendCmd) -> Result<(), CliError> {
+    match cmd {
+        BackendCmd::Add {
+            service,
+            ip,
+            weight,
+        } => {
+            parse_backend_addr(&ip)?;
+            let spec = BackendSpec {
+                addr: ip,
+                weight: Some(weight),
+            };
+            let b: Backend = client
+                .post(
+                    &format!("/v1/services/{}/backends", segment(&service)),
+                    &spec,
+                )
+                .await?;
+            println!(
+                "backend {} added to {service} (weight {}, id {})",
+                b.addr, b.weight, b.id
+            );
+        }
+        BackendCmd::Set {
+            service,
+            ip,
+            weight,
+            drain,
+            undrain,
+        } => {
+            let addr = parse_backend_addr(&ip)?;
+            let update = BackendUpdate {
+                weight,
+                state: if drain {
+                    Some(BackendState::Draining)
+                } else if undrain {
+                    Some(BackendState::Active)
+                } else {
+                    None
+                },
+            };
+            let b: Backend = client.patch(&backend_path(&service, addr), &update).await?;
+            println!(
+                "backend {} of {service}: {}, weight {}",
+                b.addr, b.state, b.weight
+            );
+        }
+        BackendCmd::Del { service, ip } => {
+            let addr = parse_backend_addr(&ip)?;
+            let b: Backend = client.delete(&backend_path(&service, addr)).await?;
+            println!(
+                "backend {} deleted from {service}; its established flows finish",
+                b.addr
+            );
+        }
+        BackendCmd::List { service, json } => {
+            let list: Vec<Backend> = client
+                .get(&format!("/v1/services/{}/backends", segment(&service)))
+                .await?;
+            if json {
+                println!("{}", to_json(&list));
+            } else {
+                print!("{}", format_backends(&list));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn backend_path(service: &str, addr: IpAddr) -> String {
+    format!(
+        "/v1/services/{}/backends/{}",
+        segment(service),
+        segment(&addr.to_string())
+    )
+}
+
+/// `mqlb down`: stop the daemon (if one serves IF), then unpin (detach).
+async fn down(client: &Client, iface: &str) -> Result<(), CliError> {
+    loader::require_root("mqlb down")?;
+    let req = ShutdownRequest {
+        iface: Some(iface.into()),
+    };
+    let mut stopped = false;
+    match client.post::<ShutdownReply>("/v1/shutdown", &req).await {
+        Ok(reply) => {
+            let secs = 10;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+            while client.is_running().await {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(CliError::StillRunning {
+                        iface: iface.into(),
+                        secs,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            println!(
+                "stopped the mqlb daemon of {} (pid {})",
+                reply.iface, reply.pid
+            );
+            stopped = true;
+        }
+        Err(ClientError::NotRunning { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    match loader::unload_lb(iface) {
+        Ok(removed) => {
+            let maps = removed.iter().filter(|p| !p.ends_with("link")).count();
+            let link = removed.iter().any(|p| p.ends_with("link"));
+            println!(
+                "detached mqlb from {iface}: removed {}{maps} map pins under {}",
+                if link { "the link pin and " } else { "" },
+                loader::Pins::new(iface).root.display()
+            );
+            Ok(())
+        }
+        Err(LoadError::NotAttached { .. }) if stopped => {
+            println!(
+                "no pins left under {}",
+                loader::Pins::new(iface).root.display()
+            );
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `mqlb decap`: attach (or replace) the decapsulator, or detach it.
+fn decap(args: &DecapArgs) -> Result<(), CliError> {
+    loader::require_root("mqlb decap")?;
+    if args.detach {
+        let removed = loader::unload_decap(&args.iface)?;
+        println!(
+            "decap: detached from {}; removed {} pins under {}",
+            args.iface,
+            removed.len(),
+            loader::Pins::new(&args.iface).decap().display()
+        );
+        return Ok(());
+    }
+    host::ifindex(&args.iface)?;
+    if loader::ensure_bpffs()? {
+        println!("decap: mounted bpffs at {}", loader::BPFFS);
+    }
+    let addrs = host::interface_addrs(&args.iface)?;
+    let d = loader::load_decap(
+        crate::programs::DECAP_OBJECT,
+        crate::programs::DECAP_PROGRAM,
+        &args.iface,
+        args.mode,
+        &addrs,
+    )?;
+    println!(
+        "decap: {} {} on {} (prog id {}); link pinned at {}",
+        crate::programs::DECAP_PROGRAM,
+        d.attached,
+        args.iface,
+        d.prog_id,
+        d.link.display()
+    );
+    if d.addrs.is_empty() {
+        println!(
+            "decap: {} has no address yet: nothing is decapsulated; run `mqlb decap` again after adding one",
+            args.iface
+        );
+    } else {
+        let list: Vec<String> = d.addrs.iter().map(ToString::to_string).collect();
+        println!("decap: decapsulating IPIP addressed to {}", list.join(", "));
+    }
+    Ok(())
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).expect("serializes")
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+pub fn format_services(list: &[Service]) -> String {
+    if list.is_empty() {
+        return "no services\n".into();
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.vip.to_string(),
+                s.proto.to_string(),
+                s.hash.to_string(),
+                if s.proto == Proto::Udp {
+                    format!("{}s", s.udp_idle_s)
+                } else {
+                    "-".into()
+                },
+                s.ring_size.to_string(),
+                format!("{}/{}", s.active().count(), s.backends.len()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "VIP",
+            "PROTO",
+            "HASH",
+            "UDP-IDLE",
+            "RING",
+            "ACTIVE/BACKENDS",
+        ],
+        &rows,
+    )
+}
+
+pub fn format_backends(list: &[Backend]) -> String {
+    if list.is_empty() {
+        return "no backends\n".into();
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|b| {
+            vec![
+                b.addr.to_string(),
+                b.weight.to_string(),
+                b.state.to_string(),
+                b.id.to_string(),
+            ]
+        })
+        .collect();
+    table(&["ADDR", "WEIGHT", "STATE", "ID"], &rows)
+}
+
+pub fn format_stats(s: &StatsView) -> String {
+    let mut out = String::new();
+    let get = |m: &std::collections::BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+    let counters: Vec<String> = Counter::ALL
+        .iter()
+        .map(|c| format!("{} {}", c.name(), get(&s.counters, c.name())))
+        .collect();
+    let _ = writeln!(out, "packets: {}", counters.join("  "));
+    let drops: Vec<String> = DropReason::ALL
+        .iter()
+        .map(|d| format!("{} {}", d.name(), get(&s.drops, d.name())))
+        .collect();
+    let _ = writeln!(out, "drops:   {}", drops.join("  "));
+    if s.services.is_empty() {
+        out.push_str("no services\n");
+        return out;
+    }
+    let mut rows = Vec::new();
+    for svc in &s.services {
+        rows.push(vec![
+            svc.name.clone(),
+            format!("{}/{}", svc.vip, svc.proto),
+            String::new(),
+            String::new(),
+            svc.packets.to_string(),
+            svc.bytes.to_string(),
+            svc.new_flows.to_string(),
+        ]);
+        for b in &svc.backends {
+            rows.push(vec![
+                String::new(),
+                format!("  {}", b.addr),
+                b.state.to_string(),
+                b.weight.to_string(),
+                b.packets.to_string(),
+                b.bytes.to_string(),
+                b.new_flows.to_string(),
+            ]);
+        }
+    }
+    out.push('\n');
+    out.push_str(&table(
+        &[
+            "SERVICE",
+            "VIP / BACKEND",
+            "STATE",
+            "WEIGHT",
+            "PACKETS",
+            "BYTES",
+            "NEW-FLOWS",
+        ],
+        &rows,
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("mqlb").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn up_takes_its_flags() {
+        let cli = parse(&[
+            "up",
+            "--iface",
+            "eth1",
+            "--mode",
+            "skb",
+            "--ct-entries",
+            "4096",
+            "--seed",
+            "9",
+            "--state-dir",
+            "/tmp/s",
+        ])
+        .unwrap();
+        let Command::Up(args) = cli.command else {
+            panic!("not up")
+        };
+        let o = up_options(&args, None).unwrap();
+        assert_eq!(o.iface, "eth1");
+        assert_eq!(o.mode, Mode::Skb);
+        assert_eq!(o.ct_entries, Some(4096));
+        assert_eq!(o.seed, Some(9));
+        assert_eq!(o.state_dir, Path::new("/tmp/s"));
+        assert_eq!(o.socket, Path::new(DEFAULT_SOCKET));
+        assert!(parse(&["up"]).is_err(), "--iface is required");
+        assert!(parse(&["up", "--iface", "x", "--mode", "turbo"]).is_err());
+        assert!(parse(&["up", "--iface", "x", "--ct-entries", "0"]).is_err());
+    }
+
+    #[test]
+    fn up_defaults_and_config_file() {
+        let cli = parse(&["up", "--iface", "eth1"]).unwrap();
+        let Command::Up(args) = cli.command else {
+            panic!()
+        };
+        let o = up_options(&args, None).unwrap();
+        assert_eq!(o.mode, Mode::Auto);
+        assert_eq!(o.state_dir, Path::new("/var/lib/mqlb/eth1"));
+        assert_eq!((o.ct_entries, o.seed), (None, None));
+
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("mqlb.toml");
+        std::fs::write(
+            &cfg,
+            "mode = \"native\"\nseed = 5\nsocket = \"/tmp/c.sock\"\n",
+        )
+        .unwrap();
+        let cli = parse(&[
+            "--socket",
+            "/tmp/flag.sock",
+            "up",
+            "--iface",
+            "eth1",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--seed",
+            "6",
+        ])
+        .unwrap();
+        let Command::Up(args) = cli.command else {
+            panic!()
+        };
+        let o = up_options(&args, cli.socket.as_deref()).unwrap();
+        assert_eq!(o.mode, Mode::Native, "from the file");
+        assert_eq!(o.seed, Some(6), "the flag wins");
+        assert_eq!(o.socket, Path::new("/tmp/flag.sock"));
+
+        std::fs::write(&cfg, "bogus = 1\n").unwrap();
+        let err = up_options(&args, None).unwrap_err().to_string();
+        assert!(err.starts_with("cannot read config file"), "{err}");
+    }
+
+    #[test]
+    fn service_add_parses() {
+        let cli = parse(&[
+            "service",
+            "add",
+            "media",
+            "--vip",
+            "10.0.0.10:4000",
+            "--proto",
+            "udp",
+            "--hash",
+            "rtp",
+            "--udp-idle",
+            "300",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Service(ServiceCmd::Add {
+                name,
+                vip,
+                proto,
+                hash,
+                udp_idle,
+                ring_size,
+            }) => {
+                assert_eq!(name, "media");
+                assert_eq!(vip, "10.0.0.10:4000");
+                assert_eq!(proto, Proto::Udp);
+                assert_eq!(hash, Hash::Rtp);
+                assert_eq!(udp_idle, 300);
+                assert_eq!(ring_size, 65537);
+            }
+            c => panic!("{c:?}"),
+        }
+        assert!(
+            parse(&["service", "add", "x", "--vip", "1.2.3.4:5"]).is_err(),
+            "--proto required"
+        );
+        assert!(parse(&[
+            "service",
+            "add",
+            "x",
+            "--vip",
+            "1.2.3.4:5",
+            "--proto",
+            "sctp"
+        ])
+        .is_err());
+        assert!(parse(&[
+            "service",
+            "add",
+            "x",
+            "--vip",
+            "1.2.3.4:5",
+            "--proto",
+            "tcp",
+            "--hash",
+            "src-ip"
+        ])
+        .is_ok());
+        assert!(parse(&["service", "list", "--json"]).is_ok());
+        assert!(parse(&["service", "del", "x"]).is_ok());
+    }
+
+    #[test]
+    fn backend_set_takes_exactly_one_change() {
+        assert!(parse(&["backend", "set", "s", "10.0.0.1", "--weight", "5"]).is_ok());
+        assert!(parse(&["backend", "set", "s", "10.0.0.1", "--drain"]).is_ok());
+        assert!(parse(&["backend", "set", "s", "10.0.0.1", "--undrain"]).is_ok());
+        assert!(parse(&["backend", "set", "s", "10.0.0.1"]).is_err());
+        assert!(parse(&["backend", "set", "s", "10.0.0.1", "--drain", "--undrain"]).is_err());
+        assert!(parse(&["backend", "set", "s", "10.0.0.1", "--drain", "--weight", "3"]).is_err());
+        let cli = parse(&["backend", "add", "s", "10.0.0.1"]).unwrap();
+        match cli.command {
+            Command::Backend(BackendCmd::Add { weight, .. }) => assert_eq!(weight, 100),
+            c => panic!("{c:?}"),
+        }
+    }
+
+    #[test]
+    fn socket_comes_from_flag_or_env() {
+        let cli = parse(&["stats", "--socket", "/tmp/a.sock"]).unwrap();
+        assert_eq!(cli.socket.as_deref(), Some(Path::new("/tmp/a.sock")));
+        let cli = parse(&["--socket", "/tmp/b.sock", "stats", "--json"]).unwrap();
+        assert_eq!(cli.socket.as_deref(), Some(Path::new("/tmp/b.sock")));
+        let arg = Cli::command()
+            .get_arguments()
+            .find(|a| a.get_id() == "socket")
+            .cloned()
+            .unwrap();
+        assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some("MQLB_SOCKET"));
+    }
+
+    #[test]
+    fn decap_and_down_parse() {
+        let cli = parse(&["decap", "--iface", "eth0", "--mode", "native"]).unwrap();
+        match cli.command {
+            Command::Decap(a) => assert_eq!((a.mode, a.detach), (Mode::Native, false)),
+            c => panic!("{c:?}"),
+        }
+        assert!(parse(&["decap", "--iface", "eth0", "--detach"]).is_ok());
+        assert!(parse(&["down", "--iface", "eth0"]).is_ok());
+        assert!(parse(&["down"]).is_err());
+    }
+
+    #[tokio::test]
+    async fn bad_input_is_refused_before_any_request() {
+        // No daemon at this socket: a bad address must be reported, not "not running".
+        let cli = parse(&[
+            "--socket",
+            "/nonexistent/x.sock",
+            "backend",
+            "add",
+            "s",
+            "10.0.0.300",
+        ])
+        .unwrap();
+        let err = run(cli).await.unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "bad address \"10.0.0.300\": expected an ipv4 or ipv6 address"
+        );
+        let cli = parse(&[
+            "--socket",
+            "/nonexistent/x.sock",
+            "service",
+            "add",
+            "s",
+            "--vip",
+            "10.0.0.1",
+            "--proto",
+            "tcp",
+        ])
+        .unwrap();
+        let err = run(cli).await.unwrap_err().to_string();
+        assert!(err.contains("IP:PORT"), "{err}");
+        let cli = parse(&["--socket", "/nonexistent/x.sock", "service", "list"]).unwrap();
+        let err = run(cli).await.unwrap_err().to_string();
+        assert!(err.starts_with("mqlb daemon is not running (no socket at /nonexistent/x.sock)"));
+    }
+
+    #[test]
+    fn tables_read_well() {
+        let mut s = crate::state::State::default();
+        s.add_service(&ServiceSpec {
+            name: "amqp".into(),
+            vip: "10.0.0.10:5672".into(),
+            proto: Proto::Tcp,
+            hash: Hash::FiveTuple,
+            udp_idle_s: None,
+            ring_size: None,
+        })
+        .unwrap();
+        s.add_backend(
+            "amqp",
+            &BackendSpec {
+                addr: "10.0.1.1".into(),
+                weight: None,
+            },
+        )
+        .unwrap();
+        let t = format_services(&s.services);
+        assert_eq!(
+            t,
+            "NAME  VIP             PROTO  HASH        UDP-IDLE  RING   ACTIVE/BACKENDS\n\
+             amqp  10.0.0.10:5672  tcp    five-tuple  -         65537  1/1\n"
+        );
+        let t = format_backends(&s.services[0].backends);
+        assert_eq!(
+            t,
+            "ADDR      WEIGHT  STATE   ID\n10.0.1.1  100     active  1\n"
+        );
+        assert_eq!(format_services(&[]), "no services\n");
+    }
+}

@@ -1,0 +1,874 @@
+//! `mqlb up`: the daemon. [`Core`] holds the state, the maps and the next
+//! hops behind one mutex, so API calls are serialised; every change is
+//! validated in full, persisted, then written to the maps. [`run`] loads and
+//! attaches the program, restores the saved state, keeps next hops resolved
+//! and serves the API until SIGTERM/SIGINT or `mqlb down`. On exit the
+//! program stays attached and the pins stay: a restart drops no packet.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    future::Future,
+    net::IpAddr,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use lb_common::{Counter, DropReason};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    net::UnixListener,
+    sync::{mpsc, watch, Mutex, Notify},
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    api::{BackendStats, ServiceStats, StatsView, StatusView},
+    dataplane::{apply, read_applied, Dataplane, DataplaneError, KernelDataplane},
+    host,
+    loader::{self, Attached, LoadError, Mode},
+    nexthop::{self, Resolver},
+    plan::{plan, Applied, Hop},
+    state::{
+        Backend, BackendSpec, BackendUpdate, Service, ServiceSpec, State, StateError, StateStore,
+        StoreError,
+    },
+};
+
+/// Default API socket.
+pub const DEFAULT_SOCKET: &str = "/run/mqlb/mqlb.sock";
+/// Parent of the per-interface state directories.
+pub const DEFAULT_STATE_ROOT: &str = "/var/lib/mqlb";
+/// Next hops are re-resolved this often (keeps neighbour entries fresh).
+pub const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+/// ... and this often while some backend's neighbour is not resolved yet.
+pub const RESOLVE_RETRY: Duration = Duration::from_secs(1);
+
+/// Why an API change failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("the change was not saved")]
+    Store(#[source] StoreError),
+    #[error("the change was saved, but writing the maps failed (the daemon retries)")]
+    Dataplane(#[source] DataplaneError),
+}
+
+impl CoreError {
+    /// The HTTP status the API answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            CoreError::State(e) => e.status(),
+            _ => 500,
+        }
+    }
+}
+
+/// The daemon's state, its maps and its next hops; one per interface.
+pub struct Core {
+    state: State,
+    store: StateStore,
+    dp: Box<dyn Dataplane>,
+    applied: Applied,
+    hops: BTreeMap<IpAddr, Hop>,
+    hop_errors: BTreeMap<IpAddr, String>,
+    default_src: Option<IpAddr>,
+    /// `default_src` was set once (its first value is logged).
+    src_known: bool,
+    /// The last apply failed: re-read the maps before planning again.
+    resync: bool,
+    status: StatusView,
+}
+
+impl Core {
+    /// Takes over the maps: reads back what they hold and holds ids found in
+    /// them that `state` does not know. Writes nothing yet (see [`Core::sync`]).
+    pub fn new(
+        mut state: State,
+        store: StateStore,
+        dp: Box<dyn Dataplane>,
+        status: StatusView,
+    ) -> Result<Core, DataplaneError> {
+        let in_map: Vec<(u32, IpAddr)> = dp
+            .read_backends()?
+            .into_iter()
+            .map(|(id, b)| (id, map_addr(&b.addr)))
+            .collect();
+        let adopted = state.adopt_orphans(&in_map);
+        if !adopted.is_empty() {
+            warn!(
+                ids = ?adopted,
+                "BACKENDS holds ids the saved state does not know; keeping them as removed \
+                 so their established flows finish"
+            );
+            if let Err(e) = store.save(&state) {
+                warn!(error = %e, "could not save the adopted ids");
+            }
+        }
+        let applied = read_applied(&*dp, &state)?;
+        Ok(Core {
+            state,
+            store,
+            dp,
+            applied,
+            hops: BTreeMap::new(),
+            hop_errors: BTreeMap::new(),
+            default_src: None,
+            src_known: false,
+            resync: false,
+            status,
+        })
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub fn status(&self) -> StatusView {
+        let mut s = self.status.clone();
+        s.seed = self.state.seed;
+        s.services = self.state.services.len();
+        s.backends = self.state.services.iter().map(|s| s.backends.len()).sum();
+        s.removed_backends = self.state.removed.len();
+        s.unresolved = self
+            .state
+            .backend_addrs()
+            .into_iter()
+            .filter(|a| self.hops.get(a).is_none_or(|h| h.dst_mac.is_none()))
+            .map(|a| a.to_string())
+            .collect();
+        s
+    }
+
+    /// Writes whatever the maps lack. After a failed apply, re-reads them first.
+    pub fn sync(&mut self) -> Result<(), DataplaneError> {
+        if self.resync {
+            self.applied = read_applied(&*self.dp, &self.state)?;
+            self.resync = false;
+        }
+        let p = plan(&self.state, &self.hops, self.default_src, &self.applied);
+        if p.is_empty() {
+            return Ok(());
+        }
+        debug!(plan = %p.summary(), "writing maps");
+        match apply(&mut *self.dp, &p) {
+            Ok(()) => {
+                self.applied.record(&p);
+                Ok(())
+            }
+            Err(e) => {
+                self.resync = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Validates `f` on a copy of the state, saves the result, then writes
+    /// the maps. A refused change leaves nothing behind.
+    fn change<T>(
+        &mut self,
+        f: impl FnOnce(&mut State) -> Result<T, StateError>,
+    ) -> Result<T, CoreError> {
+        let mut next = self.state.clone();
+        let out = f(&mut next)?;
+        if next != self.state {
+            self.store.save(&next).map_err(CoreError::Store)?;
+            self.state = next;
+        }
+        self.sync().map_err(CoreError::Dataplane)?;
+        Ok(out)
+    }
+
+    /// Sets the hash seed (from `mqlb up --seed`).
+    pub fn set_seed(&mut self, seed: u32) -> Result<(), CoreError> {
+        let old = self.state.seed;
+        self.change(|s| {
+            s.seed = seed;
+            Ok(())
+        })?;
+        if old != seed {
+            info!(old, new = seed, "hash seed changed");
+        }
+        Ok(())
+    }
+
+    pub fn add_service(&mut self, spec: &ServiceSpec) -> Result<Service, CoreError> {
+        let svc = self.change(|s| s.add_service(spec).cloned())?;
+        info!(
+            service = %svc.name, id = svc.id, vip = %svc.vip, proto = %svc.proto,
+            hash = %svc.hash, "service added"
+        );
+        Ok(svc)
+    }
+
+    pub fn del_service(&mut self, name: &str) -> Result<Service, CoreError> {
+        let svc = self.change(|s| s.del_service(name))?;
+        info!(
+            service = %svc.name, backends = svc.backends.len(),
+            "service deleted; its backends are kept as removed until their flows end"
+        );
+        Ok(svc)
+    }
+
+    pub fn service(&self, name: &str) -> Result<Service, CoreError> {
+        Ok(self.state.service(name)?.clone())
+    }
+
+    pub fn add_backend(&mut self, service: &str, spec: &BackendSpec) -> Result<Backend, CoreError> {
+        let b = self.change(|s| s.add_backend(service, spec))?;
+        info!(service, backend = %b.addr, id = b.id, weight = b.weight, "backend added");
+        Ok(b)
+    }
+
+    pub fn set_backend(
+        &mut self,
+        service: &str,
+        addr: &str,
+        update: &BackendUpdate,
+    ) -> Result<Backend, CoreError> {
+        let b = self.change(|s| s.set_backend(service, addr, update))?;
+        info!(service, backend = %b.addr, weight = b.weight, state = %b.state, "backend changed");
+        Ok(b)
+    }
+
+    pub fn del_backend(&mut self, service: &str, addr: &str) -> Result<Backend, CoreError> {
+        let b = self.change(|s| s.del_backend(service, addr))?;
+        info!(service, backend = %b.addr, id = b.id, "backend deleted; established flows finish");
+        Ok(b)
+    }
+
+    /// Takes a round of next-hop results and the interface's default outer
+    /// source, logs what changed, and writes the backends that changed.
+    pub fn update_hops(
+        &mut self,
+        results: BTreeMap<IpAddr, Result<Hop, String>>,
+        default_src: Option<IpAddr>,
+    ) -> Result<(), DataplaneError> {
+        if default_src != self.default_src || !self.src_known {
+            match default_src {
+                Some(src) => info!(%src, "default outer source address"),
+                None => warn!(
+                    "the interface has no ipv4 address: a backend without a resolved route \
+                     gets no outer source address"
+                ),
+            }
+            self.default_src = default_src;
+            self.src_known = true;
+        }
+        for (addr, r) in results {
+            match r {
+                Ok(hop) => {
+                    let old = self.hops.insert(addr, hop);
+                    if self.hop_errors.remove(&addr).is_some() || old != Some(hop) {
+                        log_hop(addr, &hop, old.as_ref());
+                    }
+                }
+                Err(e) => {
+                    self.hops.remove(&addr);
+                    if self.hop_errors.get(&addr) != Some(&e) {
+                        warn!(backend = %addr, error = %e, "next hop unresolved; the program uses the kernel FIB for it");
+                        self.hop_errors.insert(addr, e);
+                    }
+                }
+            }
+        }
+        let live = self.state.backend_addrs();
+        self.hops.retain(|a, _| live.contains(a));
+        self.hop_errors.retain(|a, _| live.contains(a));
+        self.sync()
+    }
+
+    /// The next hops in use: (ifindex, neighbour).
+    pub fn vias(&self) -> BTreeSet<(u32, IpAddr)> {
+        self.hops.values().map(|h| (h.ifindex, h.via)).collect()
+    }
+
+    /// Counters, per service and backend, summed over CPUs.
+    pub fn stats(&self) -> Result<StatsView, DataplaneError> {
+        let sids: Vec<u32> = self.state.services.iter().map(|s| s.id).collect();
+        let bids: Vec<u32> = self
+            .state
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect();
+        let c = self.dp.counters(&sids, &bids)?;
+        let counters = Counter::ALL
+            .iter()
+            .map(|k| {
+                (
+                    k.name().to_string(),
+                    c.global.get(*k as usize).copied().unwrap_or(0),
+                )
+            })
+            .collect();
+        let drops = DropReason::ALL
+            .iter()
+            .map(|k| {
+                (
+                    k.name().to_string(),
+                    c.drops.get(*k as usize).copied().unwrap_or(0),
+                )
+            })
+            .collect();
+        let services = self
+            .state
+            .services
+            .iter()
+            .map(|s| {
+                let t = c.services.get(&s.id).copied().unwrap_or_default();
+                ServiceStats {
+                    name: s.name.clone(),
+                    id: s.id,
+                    vip: s.vip,
+                    proto: s.proto,
+                    packets: t.packets,
+                    bytes: t.bytes,
+                    new_flows: t.new_flows,
+                    backends: s
+                        .backends
+                        .iter()
+                        .map(|b| {
+                            let t = c.backends.get(&b.id).copied().unwrap_or_default();
+                            BackendStats {
+                                addr: b.addr,
+                                id: b.id,
+                                state: b.state,
+                                weight: b.weight,
+                                packets: t.packets,
+                                bytes: t.bytes,
+                                new_flows: t.new_flows,
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        Ok(StatsView {
+            counters,
+            drops,
+            services,
+        })
+    }
+}
+
+fn map_addr(a: &[u8; 16]) -> IpAddr {
+    match lb_common::v4_unmapped(a) {
+        Some(v4) => IpAddr::from(v4),
+        None => IpAddr::from(*a),
+    }
+}
+
+fn log_hop(addr: IpAddr, hop: &Hop, old: Option<&Hop>) {
+    let mac = hop.dst_mac.map(|m| nexthop::format_mac(&m));
+    match (&mac, old) {
+        (Some(mac), _) => info!(
+            backend = %addr, via = %hop.via, ifindex = hop.ifindex, mac = %mac,
+            mtu = hop.mtu, src = %hop.outer_src, "next hop resolved"
+        ),
+        (None, _) => info!(
+            backend = %addr, via = %hop.via, ifindex = hop.ifindex,
+            "neighbour not resolved yet; the kernel is resolving it"
+        ),
+    }
+}
+
+/// Where next hops come from: netlink in the daemon, a table in tests.
+pub trait HopSource: Send + Sync + 'static {
+    fn resolve(&self, addr: IpAddr) -> impl Future<Output = Result<Hop, String>> + Send;
+    /// The daemon no longer uses this neighbour.
+    fn release(&self, ifindex: u32, via: IpAddr) -> impl Future<Output = ()> + Send;
+}
+
+impl HopSource for Resolver {
+    async fn resolve(&self, addr: IpAddr) -> Result<Hop, String> {
+        Resolver::resolve(self, addr)
+            .await
+            .map(Hop::from)
+            .map_err(|e| error_chain(&e))
+    }
+
+    async fn release(&self, ifindex: u32, via: IpAddr) {
+        if let Err(e) = Resolver::release(self, ifindex, via).await {
+            debug!(%via, ifindex, error = %error_chain(&e), "releasing neighbour failed");
+        }
+    }
+}
+
+/// `error: cause: cause` on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Shared between the API handlers and the daemon's tasks.
+pub struct Shared {
+    pub core: Mutex<Core>,
+    /// Ask the resolver to run now (a backend was added).
+    pub poke: Notify,
+    /// Set to true to stop the daemon.
+    pub shutdown: watch::Sender<bool>,
+}
+
+impl Shared {
+    pub fn new(core: Core) -> Arc<Shared> {
+        Arc::new(Shared {
+            core: Mutex::new(core),
+            poke: Notify::new(),
+            shutdown: watch::channel(false).0,
+        })
+    }
+}
+
+/// The interface's first address of each family, for backends whose route
+/// gives none (the outer source must always be set).
+fn default_src(iface: &str) -> Option<IpAddr> {
+    host::interface_addrs(iface)
+        .ok()?
+        .into_iter()
+        .find(|a| a.is_ipv4())
+}
+
+/// One round: resolve every backend, hand the results to the core, release
+/// neighbours no longer used. Returns whether some neighbour is unresolved.
+async fn resolve_round<S: HopSource>(
+    shared: &Shared,
+    src: &S,
+    iface: &str,
+    in_use: &mut BTreeSet<(u32, IpAddr)>,
+) -> bool {
+    let addrs = shared.core.lock().await.state().backend_addrs();
+    let mut results = BTreeMap::new();
+    for a in addrs {
+        results.insert(a, src.resolve(a).await);
+    }
+    let pending = results
+        .values()
+        .any(|r| !matches!(r, Ok(h) if h.dst_mac.is_some()));
+    let vias = {
+        let mut core = shared.core.lock().await;
+        if let Err(e) = core.update_hops(results, default_src(iface)) {
+            warn!(error = %error_chain(&e), "writing next hops failed; retrying");
+        }
+        core.vias()
+    };
+    for &(ifindex, via) in in_use.difference(&vias) {
+        src.release(ifindex, via).await;
+    }
+    *in_use = vias;
+    pending
+}
+
+/// Keeps next hops fresh: on netlink events, when poked, and periodically.
+async fn resolve_loop<S: HopSource>(
+    shared: Arc<Shared>,
+    src: S,
+    mut events: Option<mpsc::Receiver<()>>,
+    iface: String,
+) {
+    let mut stop = shared.shutdown.subscribe();
+    let mut in_use = BTreeSet::new();
+    loop {
+        let pending = resolve_round(&shared, &src, &iface, &mut in_use).await;
+        let wait = if pending {
+            RESOLVE_RETRY
+        } else {
+            RESOLVE_EVERY
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.poke.notified() => {}
+            ev = async {
+                match events.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if ev.is_none() {
+                    warn!("netlink events stopped; next hops are refreshed every {RESOLVE_EVERY:?} only");
+                    events = None;
+                }
+                // Let a burst of events settle.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Everything `mqlb up` needs, after flags and config file are merged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpOptions {
+    pub iface: String,
+    pub mode: Mode,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    /// `None`: keep a pinned conntrack's size, else the default.
+    pub ct_entries: Option<u32>,
+    /// `None`: keep the saved seed.
+    pub seed: Option<u32>,
+}
+
+/// `mqlb up --config FILE`: daemon settings (flags win over the file).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub mode: Option<Mode>,
+    pub socket: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub ct_entries: Option<u32>,
+    pub seed: Option<u32>,
+}
+
+/// Errors that stop `mqlb up`.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Host(host::HostError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot use the maps")]
+    Dataplane(#[from] DataplaneError),
+    #[error("restoring the saved state failed")]
+    Restore(#[source] CoreError),
+    #[error("cannot open netlink for next hops")]
+    Resolver(#[source] nexthop::NextHopError),
+    #[error("another mqlb daemon already serves {path}; stop it or pass another --socket")]
+    SocketInUse { path: PathBuf },
+    #[error("another mqlb daemon already runs for {iface} (it holds {path})")]
+    Locked { iface: String, path: PathBuf },
+    #[error("cannot {action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let path = path.to_path_buf();
+    move |source| DaemonError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// Binds the API socket: mode 0600, directory created, a stale file replaced.
+pub async fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+                .map_err(io_err("chmod", dir))?;
+        }
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(DaemonError::SocketInUse { path: path.into() });
+        }
+        fs::remove_file(path).map_err(io_err("remove stale", path))?;
+    }
+    let listener = UnixListener::bind(path).map_err(io_err("listen on", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err("chmod", path))?;
+    Ok(listener)
+}
+
+/// Removes the API socket when the daemon stops, however it stops.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// `mqlb up`: runs until SIGTERM/SIGINT or `mqlb down`.
+pub async fn run(opts: UpOptions) -> Result<(), DaemonError> {
+    loader::require_root("mqlb up")?;
+    let ifindex = host::ifindex(&opts.iface).map_err(DaemonError::Host)?;
+
+    // One daemon per interface: the lock lives as long as this process.
+    let store = StateStore::new(&opts.state_dir);
+    fs::create_dir_all(store.dir()).map_err(io_err("create", store.dir()))?;
+    let lock_path = store.dir().join("lock");
+    let lock = fs::File::create(&lock_path).map_err(io_err("create", &lock_path))?;
+    if lock.try_lock().is_err() {
+        return Err(DaemonError::Locked {
+            iface: opts.iface.clone(),
+            path: lock_path,
+        });
+    }
+
+    let state = match store.load()? {
+        Some(s) => {
+            info!(
+                path = %store.path().display(), services = s.services.len(),
+                "restoring saved state"
+            );
+            s
+        }
+        None => {
+            info!(path = %store.path().display(), "no saved state; starting empty");
+            State::default()
+        }
+    };
+
+    // Bound early so a second daemon on the same socket fails before it
+    // touches the interface; requests wait in the backlog until we serve.
+    let listener = bind_socket(&opts.socket).await?;
+    let _socket = RemoveOnDrop(opts.socket.clone());
+
+    if loader::ensure_bpffs()? {
+        info!("mounted bpffs at {}", loader::BPFFS);
+    }
+    let mut loaded = loader::load_lb(
+        crate::programs::LB_OBJECT,
+        crate::programs::LB_PROGRAM,
+        &opts.iface,
+        opts.mode,
+        opts.ct_entries,
+    )?;
+    info!(
+        iface = %opts.iface, prog_id = loaded.prog_id, ct_entries = loaded.ct_entries,
+        pins = %loaded.pins.root.display(), "XDP program {}", loaded.attached
+    );
+    if loaded.attached == Attached::Replaced && opts.mode != Mode::Auto {
+        info!(
+            "--mode {} does not apply to an existing link; `mqlb down` first to change it",
+            opts.mode
+        );
+    }
+
+    for c in host::ensure_dsr_sysctls(&opts.iface).map_err(DaemonError::Host)? {
+        info!(sysctl = %c.key, from = %c.from, to = %c.to, "changed sysctl for the DSR path");
+    }
+
+    let dp = KernelDataplane::new(&mut loaded.ebpf)?;
+    let status = StatusView {
+        iface: opts.iface.clone(),
+        ifindex,
+        pid: std::process::id(),
+        attached: loaded.attached,
+        prog_id: loaded.prog_id,
+        ct_entries: loaded.ct_entries,
+        pins: loaded.pins.root.clone(),
+        state_file: store.path(),
+        socket: opts.socket.clone(),
+        ..StatusView::default()
+    };
+    let mut core = Core::new(state, store, Box::new(dp), status)?;
+    if let Some(seed) = opts.seed {
+        core.set_seed(seed).map_err(DaemonError::Restore)?;
+    }
+    let shared = Shared::new(core);
+
+    // Resolve every backend before the first write, so restored backends
+    // keep their cached next hop instead of falling back to the FIB.
+    let resolver = Resolver::new().await.map_err(DaemonError::Resolver)?;
+    let events = resolver.subscribe();
+    let mut in_use = BTreeSet::new();
+    resolve_round(&shared, &resolver, &opts.iface, &mut in_use).await;
+    shared
+        .core
+        .lock()
+        .await
+        .sync()
+        .map_err(|e| DaemonError::Restore(CoreError::Dataplane(e)))?;
+    let resolver_task = tokio::spawn(resolve_loop(
+        shared.clone(),
+        resolver,
+        Some(events),
+        opts.iface.clone(),
+    ));
+
+    info!(socket = %opts.socket.display(), "serving the API");
+    let mut stop = shared.shutdown.subscribe();
+    let signals = {
+        let shared = shared.clone();
+        async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing a SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM"),
+                _ = tokio::signal::ctrl_c() => info!("SIGINT"),
+                _ = stop.changed() => info!("stop requested by `mqlb down`"),
+            }
+            shared.shutdown.send_replace(true);
+        }
+    };
+    let served = axum::serve(listener, crate::api::router(shared.clone()))
+        .with_graceful_shutdown(signals)
+        .await;
+    resolver_task.abort();
+    served.map_err(io_err("serve on", &opts.socket))?;
+    info!(
+        iface = %opts.iface,
+        "stopped; the XDP program stays attached and the maps stay pinned (`mqlb down` detaches)"
+    );
+    drop(lock);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{dataplane::MemDataplane, state::Proto};
+
+    pub(crate) fn core_in(dir: &Path, dp: MemDataplane) -> Core {
+        Core::new(
+            State::default(),
+            StateStore::new(dir),
+            Box::new(dp),
+            StatusView::default(),
+        )
+        .unwrap()
+    }
+
+    fn amqp() -> ServiceSpec {
+        ServiceSpec {
+            name: "amqp".into(),
+            vip: "10.0.0.10:5672".into(),
+            proto: Proto::Tcp,
+            hash: Default::default(),
+            udp_idle_s: None,
+            ring_size: Some(13),
+        }
+    }
+
+    #[test]
+    fn changes_are_saved_before_the_maps_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut core = core_in(
+            dir.path(),
+            MemDataplane {
+                fail_at: Some(0),
+                ..Default::default()
+            },
+        );
+        let err = core.add_service(&amqp()).unwrap_err();
+        assert!(matches!(err, CoreError::Dataplane(_)), "{err}");
+        assert_eq!(err.status(), 500);
+        let saved = StateStore::new(dir.path()).load().unwrap().unwrap();
+        assert_eq!(saved.services.len(), 1, "saved although the maps failed");
+        assert!(core.resync);
+    }
+
+    #[test]
+    fn refused_changes_are_not_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut core = core_in(dir.path(), MemDataplane::default());
+        core.add_service(&amqp()).unwrap();
+        let before = fs::read(StateStore::new(dir.path()).path()).unwrap();
+        let err = core.add_service(&amqp()).unwrap_err();
+        assert_eq!(err.status(), 409);
+        assert_eq!(
+            fs::read(StateStore::new(dir.path()).path()).unwrap(),
+            before
+        );
+    }
+
+    #[test]
+    fn a_failed_apply_is_retried_from_the_maps() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut core = core_in(
+            dir.path(),
+            MemDataplane {
+                fail_at: Some(3),
+                ..Default::default()
+            },
+        );
+        core.add_service(&amqp()).unwrap();
+        let err = core
+            .add_backend(
+                "amqp",
+                &BackendSpec {
+                    addr: "10.0.1.1".into(),
+                    weight: None,
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(err, CoreError::Dataplane(_)));
+        // The map recovers; the next sync completes the job.
+        core.dp = Box::new(MemDataplane::default());
+        core.sync().unwrap();
+        let p = plan(&core.state, &core.hops, core.default_src, &core.applied);
+        assert!(p.is_empty());
+        assert_eq!(core.applied.services.values().next().unwrap().ring_size, 13);
+    }
+
+    #[test]
+    fn orphans_in_the_maps_are_adopted_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut dp = MemDataplane::default();
+        dp.backends.insert(
+            5,
+            crate::plan::backend_entry("10.0.1.5".parse().unwrap(), 0, None, None),
+        );
+        let core = core_in(dir.path(), dp);
+        assert_eq!(core.state().removed[0].id, 5);
+        assert_eq!(core.state().removed[0].addr.to_string(), "10.0.1.5");
+    }
+
+    #[test]
+    fn hop_updates_write_only_changed_backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut core = core_in(dir.path(), MemDataplane::default());
+        core.add_service(&amqp()).unwrap();
+        core.add_backend(
+            "amqp",
+            &BackendSpec {
+                addr: "10.0.1.1".into(),
+                weight: None,
+            },
+        )
+        .unwrap();
+        let addr: IpAddr = "10.0.1.1".parse().unwrap();
+        let hop = Hop {
+            ifindex: 2,
+            mtu: 1500,
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: Some([2, 0, 0, 0, 0, 2]),
+            outer_src: "10.0.0.1".parse().unwrap(),
+            via: addr,
+        };
+        core.update_hops([(addr, Ok(hop))].into(), None).unwrap();
+        let entry = core.applied.backends[&1];
+        assert_eq!(entry.flags, lb_common::backend_flags::NEXTHOP);
+        assert_eq!(core.vias(), [(2, addr)].into());
+        assert!(core.status().unresolved.is_empty());
+        core.update_hops(
+            [(addr, Err("no route".into()))].into(),
+            Some("10.0.0.9".parse().unwrap()),
+        )
+        .unwrap();
+        let entry = core.applied.backends[&1];
+        assert_eq!(entry.flags, 0);
+        assert_eq!(entry.outer_src, lb_common::v4_mapped([10, 0, 0, 9]));
+        assert_eq!(core.status().unresolved, ["10.0.1.1"]);
+    }
+
+    #[test]
+    fn config_file_reads_settings() {
+        let c: ConfigFile = toml::from_str(
+            "mode = \"skb\"\nsocket = \"/tmp/x.sock\"\nct_entries = 4096\nseed = 7\n",
+        )
+        .unwrap();
+        assert_eq!(c.mode, Some(Mode::Skb));
+        assert_eq!(c.ct_entries, Some(4096));
+        assert!(toml::from_str::<ConfigFile>("colour = 1").is_err());
+    }
+}

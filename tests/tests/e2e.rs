@@ -1,0 +1,501 @@
+//! Layer 4: end to end through a network-namespace lab (`mqlb_tests::lab`):
+//! real sockets in a client namespace, the daemon (`mqlb up`) attached on
+//! the LB's veth, `mqlb decap` and servers on three backends, DSR back.
+//!
+//! Each test predicts where the program sends every flow from the daemon's
+//! pinned maps and `lb_common::hash`, and checks the backend that answered.
+//! Every wait polls a condition against a deadline.
+
+use lb_common::{
+    maglev::{self, MaglevBackend},
+    v4_mapped, Counter, PROTO_TCP, PROTO_UDP,
+};
+use mqlb_tests::lab::{find_counter, fnv1a64, wait_for, Lab, LabConfig, XdpMode, FNV_OFFSET};
+use mqlb_tests::privileged::require_root;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+const AMQP: u16 = 5672;
+const MEDIA: u16 = 5004;
+/// Per-operation socket timeout: generous, only reached when a flow is lost.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a config change gets to reach the live Maglev ring.
+const RING_DEADLINE: Duration = Duration::from_secs(10);
+
+fn start_lab(mode: XdpMode) -> Lab {
+    Lab::start(LabConfig {
+        mode,
+        ..LabConfig::default()
+    })
+    .unwrap_or_else(|e| panic!("the lab did not start: {e:#}"))
+}
+
+/// Adds the TCP service `amqp` on VIP:5672 with the given backends and waits
+/// until the live ring holds exactly them.
+fn amqp_service(lab: &mut Lab, backends: &[&str]) {
+    lab.serve_tcp(AMQP).expect("backend TCP servers");
+    lab.add_service("amqp", AMQP, "tcp", None)
+        .unwrap_or_else(|e| panic!("service add: {e:#}"));
+    for name in backends {
+        let b = lab.backend_by_name(name).expect("backend exists");
+        lab.add_backend("amqp", b)
+            .unwrap_or_else(|e| panic!("backend add {name}: {e:#}"));
+    }
+    wait_ring(lab, AMQP, PROTO_TCP, backends);
+}
+
+/// Waits until the live ring of the service on `port` holds exactly the
+/// backends named (the CLI may acknowledge before the program sees it).
+fn wait_ring(lab: &Lab, port: u16, proto: u8, names: &[&str]) {
+    let want: BTreeSet<Ipv4Addr> = names
+        .iter()
+        .map(|n| lab.backend_by_name(n).expect("backend exists").addr)
+        .collect();
+    wait_for(
+        &format!("the ring of {}:{port} to hold {names:?}", lab.vip),
+        RING_DEADLINE,
+        || {
+            let maps = lab.maps()?;
+            let svc = maps.service_v4(lab.vip, port, proto)?;
+            let members = maps.ring_members(&svc)?;
+            Ok((members == want).then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()));
+}
+
+/// One client TCP connection through the VIP and the backend that took it.
+struct Conn {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    /// The client's side of the flow (what the LB hashes).
+    src: SocketAddrV4,
+    /// Backend name from the server's greeting.
+    backend: String,
+}
+
+impl Conn {
+    /// Sends `msg`, returns the name of the backend that echoed it.
+    fn ask(&mut self, msg: &str) -> String {
+        self.stream
+            .write_all(format!("{msg}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("send on {} ({}): {e}", self.src, self.backend));
+        let line = read_line(&mut self.reader, self.src);
+        let (name, echoed) = line
+            .split_once(' ')
+            .unwrap_or_else(|| panic!("bad reply {line:?}"));
+        assert_eq!(echoed, msg, "flow {} got someone else's answer", self.src);
+        name.to_string()
+    }
+}
+
+fn read_line(reader: &mut BufReader<TcpStream>, src: SocketAddrV4) -> String {
+    let mut line = String::new();
+    let n = reader
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("no answer on flow {src} within {IO_TIMEOUT:?}: {e}"));
+    assert!(n > 0, "flow {src} closed by the far end");
+    line.trim_end().to_string()
+}
+
+fn v4(addr: SocketAddr) -> SocketAddrV4 {
+    match addr {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(a) => panic!("expected IPv4, got {a}"),
+    }
+}
+
+/// Opens `n` connections to VIP:5672 from the client namespace, reads each
+/// greeting and checks that the server saw the client's own address (no
+/// NAT: DSR keeps the client tuple) on the VIP.
+fn open_conns(lab: &Lab, n: usize) -> Vec<Conn> {
+    let vip = SocketAddr::from((lab.vip, AMQP));
+    let streams = lab
+        .client
+        .run(move || {
+            (0..n)
+                .map(|i| {
+                    TcpStream::connect_timeout(&vip, IO_TIMEOUT)
+                        .map_err(|e| format!("connection {i} to {vip}: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .expect("client namespace")
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.diagnostics()));
+    streams
+        .into_iter()
+        .map(|stream| {
+            stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            // One segment per message, no Nagle wait for the previous ACK.
+            stream.set_nodelay(true).unwrap();
+            stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+            let src = v4(stream.local_addr().unwrap());
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let hello = read_line(&mut reader, src);
+            let parts: Vec<&str> = hello.split(' ').collect();
+            assert!(
+                parts.len() == 4 && parts[0] == "HELLO",
+                "bad greeting {hello:?}"
+            );
+            assert_eq!(parts[2], vip.to_string(), "the backend accepted on the VIP");
+            assert_eq!(
+                parts[3],
+                src.to_string(),
+                "the backend sees the client's own address and port"
+            );
+            Conn {
+                stream,
+                reader,
+                src,
+                backend: parts[1].to_string(),
+            }
+        })
+        .collect()
+}
+
+/// Asserts that every connection landed where the live ring says.
+fn assert_predicted(lab: &Lab, conns: &[Conn]) {
+    let maps = lab.maps().expect("pinned maps");
+    let svc = maps.service_v4(lab.vip, AMQP, PROTO_TCP).expect("service");
+    let dst = SocketAddrV4::new(lab.vip, AMQP);
+    for c in conns {
+        let addr = maps.predict(&svc, c.src, dst, PROTO_TCP).expect("predict");
+        let want = &lab.backend_by_addr(addr).expect("predicted backend").name;
+        assert_eq!(
+            &c.backend, want,
+            "flow {} landed on {} but the ring says {want}",
+            c.src, c.backend
+        );
+    }
+}
+
+/// One message on every connection, each answered by the backend it started on.
+fn exchange_all(conns: &mut [Conn], round: &str) {
+    for (i, c) in conns.iter_mut().enumerate() {
+        let name = c.ask(&format!("{round} {i}"));
+        assert_eq!(
+            name, c.backend,
+            "{round}: flow {} moved from {} to {name}",
+            c.src, c.backend
+        );
+    }
+}
+
+fn per_backend(conns: &[Conn]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for c in conns {
+        *counts.entry(c.backend.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Declares one test per XDP mode for `body`, each first requiring root:
+/// generic (skb) mode, and native mode (XDP_TX into a veth, whose peer then
+/// needs an XDP program: the lab attaches `mqlb decap` there).
+macro_rules! in_both_modes {
+    ($($body:ident: $skb:ident, $native:ident;)+) => {$(
+        #[test]
+        fn $skb() {
+            if require_root(stringify!($skb)) {
+                $body(XdpMode::Skb);
+            }
+        }
+
+        #[test]
+        fn $native() {
+            if require_root(stringify!($native)) {
+                $body(XdpMode::Native);
+            }
+        }
+    )+};
+}
+
+in_both_modes! {
+    tcp_flows_predicted_dsr: tcp_flows_predicted_dsr_skb, tcp_flows_predicted_dsr_native;
+    udp_flows_predicted: udp_flows_predicted_skb, udp_flows_predicted_native;
+    established_flows_survive_add_drain_delete: established_flows_survive_add_drain_delete_skb, established_flows_survive_add_drain_delete_native;
+    one_mib_through_vip_with_pmtu: one_mib_through_vip_with_pmtu_skb, one_mib_through_vip_with_pmtu_native;
+}
+
+/// 300 TCP connections through the VIP, all open at once: each lands on the
+/// backend the live ring predicts, keeps it for three rounds of messages, the
+/// spread is fair, and replies bypass the LB (direct server return).
+fn tcp_flows_predicted_dsr(mode: XdpMode) {
+    let mut lab = start_lab(mode);
+    amqp_service(&mut lab, &["b1", "b2", "b3"]);
+
+    // The daemon's table is the one lb-common's Maglev builds from the
+    // backend addresses alone (equal weights), whatever their ids.
+    let maps = lab.maps().expect("pinned maps");
+    let svc = maps.service_v4(lab.vip, AMQP, PROTO_TCP).expect("service");
+    let model: Vec<MaglevBackend> = lab
+        .backends
+        .iter()
+        .map(|b| MaglevBackend {
+            addr: v4_mapped(b.addr.octets()),
+            id: maps
+                .backend_id(b.addr)
+                .expect("BACKENDS")
+                .unwrap_or_else(|| panic!("{} not in BACKENDS", b.addr)),
+            weight: 1,
+        })
+        .collect();
+    assert!(
+        maps.ring(&svc).expect("ring") == maglev::build(&model, svc.ring_size),
+        "the live ring differs from lb_common::maglev::build of the same backends"
+    );
+
+    let lb_rx0 = maps.counter(Counter::Rx).expect("STATS");
+    let (client_rx0, client_tx0) = lab.client.link_packets().expect("client stats");
+
+    const N: usize = 300;
+    let mut conns = open_conns(&lab, N);
+    assert_predicted(&lab, &conns);
+    for round in ["one", "two", "three"] {
+        exchange_all(&mut conns, round);
+    }
+
+    // Equal weights, a fair hash: each backend's count is binomial(300, 1/3),
+    // mean 100, sd sqrt(300 * 1/3 * 2/3) ≈ 8.2. ±30% is ±30 ≈ 3.7 sd, a
+    // two-sided tail of ≈ 2.4e-4 per backend, < 7.3e-4 for all three: a fair
+    // hash passes more than 99.9% of runs.
+    let counts = per_backend(&conns);
+    eprintln!("connections per backend: {counts:?}");
+    let mean = N as f64 / lab.backends.len() as f64;
+    for b in &lab.backends {
+        let n = counts.get(&b.name).copied().unwrap_or(0) as f64;
+        assert!(
+            (n - mean).abs() <= 0.3 * mean,
+            "{} took {n} of {N} connections, outside ±30% of {mean}: {counts:?}",
+            b.name
+        );
+    }
+
+    // DSR: the backends answer the client directly. The LB's program sees
+    // the client's packets (and a little ARP), never the replies: were they
+    // routed through it, it would see about client tx + client rx.
+    let lb_rx = maps.counter(Counter::Rx).expect("STATS") - lb_rx0;
+    let (client_rx, client_tx) = lab.client.link_packets().expect("client stats");
+    let (client_rx, client_tx) = (client_rx - client_rx0, client_tx - client_tx0);
+    eprintln!("LB program saw {lb_rx} packets; client sent {client_tx}, received {client_rx}");
+    assert!(
+        client_rx >= 4 * N as u64,
+        "the client received only {client_rx} packets"
+    );
+    assert!(
+        lb_rx <= client_tx + client_rx / 2,
+        "the LB saw {lb_rx} packets for the client's {client_tx} sent and {client_rx} received: \
+         replies went through the LB"
+    );
+}
+
+/// 100 UDP flows through the VIP, three datagrams each: every one answered
+/// (from the VIP) by the backend the live ring predicts.
+fn udp_flows_predicted(mode: XdpMode) {
+    let mut lab = start_lab(mode);
+    lab.serve_udp(MEDIA).expect("backend UDP servers");
+    lab.add_service("media", MEDIA, "udp", None)
+        .unwrap_or_else(|e| panic!("service add: {e:#}"));
+    for b in &lab.backends {
+        lab.add_backend("media", b)
+            .unwrap_or_else(|e| panic!("backend add: {e:#}"));
+    }
+    wait_ring(&lab, MEDIA, PROTO_UDP, &["b1", "b2", "b3"]);
+
+    const FLOWS: usize = 100;
+    let (client, vip) = (lab.client.addr, SocketAddrV4::new(lab.vip, MEDIA));
+    let sockets = lab
+        .client
+        .run(move || {
+            (0..FLOWS)
+                .map(|_| {
+                    let s = UdpSocket::bind((client, 0))?;
+                    s.connect(vip)?;
+                    Ok(s)
+                })
+                .collect::<std::io::Result<Vec<_>>>()
+        })
+        .expect("client namespace")
+        .expect("client UDP sockets");
+
+    let maps = lab.maps().expect("pinned maps");
+    let svc = maps.service_v4(lab.vip, MEDIA, PROTO_UDP).expect("service");
+    let mut counts = BTreeMap::<String, usize>::new();
+    for (i, s) in sockets.iter().enumerate() {
+        let src = v4(s.local_addr().unwrap());
+        let addr = maps.predict(&svc, src, vip, PROTO_UDP).expect("predict");
+        let want = lab
+            .backend_by_addr(addr)
+            .expect("predicted backend")
+            .name
+            .clone();
+        for k in 0..3 {
+            let msg = format!("flow {i} packet {k}");
+            let (name, peer) = udp_ask(s, &msg)
+                .unwrap_or_else(|e| panic!("UDP flow {src}: {e}\n{}", lab.diagnostics()));
+            assert_eq!(name, want, "UDP flow {src} packet {k}");
+            assert_eq!(
+                peer,
+                src.to_string(),
+                "the backend sees the client's address"
+            );
+        }
+        *counts.entry(want).or_insert(0) += 1;
+    }
+    // P(a backend gets none of 100 flows) ≈ 3 * (2/3)^100 ≈ 7e-18.
+    assert_eq!(
+        counts.len(),
+        3,
+        "every backend takes some flows: {counts:?}"
+    );
+}
+
+/// Sends `msg` on a connected UDP socket until the answer to it arrives
+/// (datagrams may be lost: resend each second, give up after 15 s).
+/// Returns (backend name, client address the backend saw).
+fn udp_ask(s: &UdpSocket, msg: &str) -> Result<(String, String), String> {
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 2048];
+    while start.elapsed() < Duration::from_secs(15) {
+        s.send(msg.as_bytes()).map_err(|e| e.to_string())?;
+        let resend_at = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < resend_at {
+            let Ok(n) = s.recv(&mut buf) else { break };
+            let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let mut parts = reply.splitn(3, ' ');
+            let (Some(name), Some(peer), Some(payload)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(format!("bad reply {reply:?}"));
+            };
+            if payload == msg {
+                return Ok((name.to_string(), peer.to_string()));
+            }
+        }
+    }
+    Err(format!("no answer to {msg:?} within 15 s"))
+}
+
+/// With 120+ connections established: add b3, drain b2, delete b1. After
+/// each change every connection is still answered by its first backend, and
+/// new connections follow the new ring: never to a drained or deleted backend.
+fn established_flows_survive_add_drain_delete(mode: XdpMode) {
+    let mut lab = start_lab(mode);
+    amqp_service(&mut lab, &["b1", "b2"]);
+
+    let mut conns = open_conns(&lab, 120);
+    assert_predicted(&lab, &conns);
+    exchange_all(&mut conns, "start");
+
+    // Add b3: established flows stay, new ones follow the new ring.
+    lab.add_backend("amqp", lab.backend_by_name("b3").unwrap())
+        .unwrap_or_else(|e| panic!("backend add b3: {e:#}"));
+    wait_ring(&lab, AMQP, PROTO_TCP, &["b1", "b2", "b3"]);
+    exchange_all(&mut conns, "after-add");
+    let fresh = open_conns(&lab, 60);
+    assert_predicted(&lab, &fresh);
+    conns.extend(fresh);
+
+    // Drain b2: its flows stay on it, no new flow reaches it.
+    let b2 = lab.backend_by_name("b2").unwrap().addr.to_string();
+    lab.mqlb(&["backend", "set", "amqp", &b2, "--drain"])
+        .unwrap_or_else(|e| panic!("backend set --drain: {e:#}"));
+    wait_ring(&lab, AMQP, PROTO_TCP, &["b1", "b3"]);
+    exchange_all(&mut conns, "after-drain");
+    assert!(
+        per_backend(&conns).contains_key("b2"),
+        "b2 had flows to keep"
+    );
+    let fresh = open_conns(&lab, 60);
+    assert_predicted(&lab, &fresh);
+    assert!(
+        fresh.iter().all(|c| c.backend != "b2"),
+        "a new flow reached drained b2: {:?}",
+        per_backend(&fresh)
+    );
+    conns.extend(fresh);
+
+    // Delete b1: its established flows finish there, no new flow reaches it.
+    let b1 = lab.backend_by_name("b1").unwrap().addr.to_string();
+    lab.mqlb(&["backend", "del", "amqp", &b1])
+        .unwrap_or_else(|e| panic!("backend del: {e:#}"));
+    wait_ring(&lab, AMQP, PROTO_TCP, &["b3"]);
+    exchange_all(&mut conns, "after-delete");
+    assert!(
+        per_backend(&conns).contains_key("b1"),
+        "b1 had flows to keep"
+    );
+    let fresh = open_conns(&lab, 60);
+    assert_predicted(&lab, &fresh);
+    assert!(
+        fresh.iter().all(|c| c.backend == "b3"),
+        "a new flow reached a deleted or drained backend: {:?}",
+        per_backend(&fresh)
+    );
+    conns.extend(fresh);
+    exchange_all(&mut conns, "end");
+}
+
+/// 1 MiB through the VIP over 1500-byte links: the LB answers too-big
+/// segments with ICMP fragmentation-needed, the client's path-MTU discovery
+/// shrinks them, and the bytes arrive intact.
+fn one_mib_through_vip_with_pmtu(mode: XdpMode) {
+    let mut lab = start_lab(mode);
+    amqp_service(&mut lab, &["b1", "b2", "b3"]);
+    let stats = lab.stats_json().unwrap_or_else(|e| panic!("{e:#}"));
+    let name = Counter::IcmpTooBig.name();
+    let too_big0 = find_counter(&stats, name)
+        .unwrap_or_else(|| panic!("`mqlb stats --json` has no {name} counter: {stats}"));
+
+    // 1 MiB of a fixed pseudo-random pattern; full-size segments (1500-byte
+    // IP packets on the 1500-byte links) cannot take 20 more bytes of IPIP.
+    const LEN: usize = 1 << 20;
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let data: Vec<u8> = (0..LEN)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let mut conn = open_conns(&lab, 1).pop().unwrap();
+    conn.stream
+        .set_write_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    conn.stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    conn.stream
+        .write_all(format!("BULK {LEN}\n").as_bytes())
+        .unwrap();
+    conn.stream.write_all(&data).unwrap_or_else(|e| {
+        panic!(
+            "sending 1 MiB through the VIP stalled: {e}\n{}",
+            lab.diagnostics()
+        )
+    });
+    let reply = read_line(&mut conn.reader, conn.src);
+    let want = format!(
+        "{} BULK {LEN} {:016x}",
+        conn.backend,
+        fnv1a64(FNV_OFFSET, &data)
+    );
+    assert_eq!(reply, want, "the bytes arrived intact at {}", conn.backend);
+
+    let stats = lab.stats_json().unwrap_or_else(|e| panic!("{e:#}"));
+    let too_big = find_counter(&stats, name).expect("counter");
+    let route = lab
+        .client
+        .ip(&["route", "get", &lab.vip.to_string()])
+        .unwrap_or_default();
+    eprintln!("{name}: {too_big0} -> {too_big}; client route to the VIP: {route}");
+    assert!(
+        too_big > too_big0,
+        "{name} stayed at {too_big}: the LB sent no fragmentation-needed \
+         (client route: {route})"
+    );
+}
