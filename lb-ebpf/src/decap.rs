@@ -4,6 +4,8 @@
 //! Kernels without the ipip module need it; everything else passes untouched.
 #![no_std]
 #![no_main]
+// `asm!` on the BPF target (aya-ebpf enables the same feature): see `ptr.rs`.
+#![feature(asm_experimental_arch)]
 
 mod ptr;
 

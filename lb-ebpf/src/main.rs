@@ -1,8 +1,16 @@
 //! `mqlb`: the XDP load balancer. Parses IPv4 TCP/UDP, finds the service,
 //! pins the flow to a backend (conntrack, else Maglev), wraps it in IPIP and
 //! sends it out. Every decision is a call into `lb-common`.
+//!
+//! Cost matters here (see `cargo run --release -p mqlb-tests --example
+//! prog_cost`): packet fields are read and written as whole words through
+//! `ptr::Bytes`, map keys are built in 8-byte aligned stack slots, and packet
+//! fields are read where they are used rather than carried across helper
+//! calls (only r6-r9 survive a call; the rest spills to the stack).
 #![no_std]
 #![no_main]
+// `asm!` on the BPF target (aya-ebpf enables the same feature): see `ptr.rs`.
+#![feature(asm_experimental_arch)]
 
 mod ptr;
 
@@ -19,16 +27,14 @@ use lb_common::{
     backend_flags, ct_is_live,
     hash::{flow_hash_v4, ring_slot, tcp_syn_rehashes},
     packet::{
-        icmp4_frag_needed_hdr, icmp4_frag_needed_ip, ipip_client_mtu, ipip_fits, ipip_outer_v4,
-        ETH_LEN, ETH_P_IPV4, ICMP4_QUOTE_LEN, ICMP4_TOO_BIG_LEN, ICMP_HDR_LEN, IPV4_DF, IPV4_LEN,
-        IPV4_MF, IPV4_OFFSET_MASK,
+        icmp4_frag_needed_hdr, icmp4_frag_needed_ip, ipip_client_mtu, ipip_fits,
+        ipip_outer_v4_words, ETH_LEN, ETH_P_IPV4, ICMP4_QUOTE_LEN, ICMP4_TOO_BIG_LEN, ICMP_HDR_LEN,
+        IPV4_DF, IPV4_LEN, IPV4_MF, IPV4_OFFSET_MASK,
     },
-    v4_mapped, Backend, Counter, CtEntry, DropReason, Flow4, HashMode, ServiceKey, ServiceValue,
-    Traffic, CT_DEFAULT_ENTRIES, CT_REFRESH_NS, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
-    RING_MAX,
+    Backend, Counter, CtEntry, DropReason, Flow4, HashMode, ServiceKey, ServiceValue, Traffic,
+    CT_DEFAULT_ENTRIES, CT_REFRESH_NS, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP, RING_MAX,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use ptr::{ptr_at, ptr_at_mut};
+use ptr::{ptr_at, ptr_at_mut, Bytes};
 
 /// `ServiceKey` → `ServiceValue`; written by the daemon; one entry per service.
 #[map]
@@ -55,7 +61,21 @@ static SVC_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_SERVI
 #[map]
 static BE_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
-const TCP_FLAGS_OFF: usize = 13;
+/// What the fast path reads under one bounds check: Ethernet, IPv4 without
+/// options, and the two ports. Offsets below are from the frame start.
+const HDRS_LEN: usize = ETH_LEN + IPV4_LEN + 4;
+const ETHERTYPE: usize = 12;
+const IP_VIHL: usize = ETH_LEN;
+const IP_TOS: usize = ETH_LEN + 1;
+const IP_TOT_LEN: usize = ETH_LEN + 2;
+const IP_FRAG: usize = ETH_LEN + 6;
+const IP_PROTO: usize = ETH_LEN + 9;
+const IP_SRC: usize = ETH_LEN + 12;
+const IP_DST: usize = ETH_LEN + 16;
+const L4: usize = ETH_LEN + IPV4_LEN;
+const TCP_FLAGS: usize = L4 + 13;
+const UDP_HDR_LEN: usize = 8;
+
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 const AF_INET: u8 = 2;
@@ -99,9 +119,87 @@ fn count_traffic(map: &PerCpuArray<Traffic>, id: u32, bytes: u16, new_flow: bool
     }
 }
 
+/// The `ServiceKey` of an IPv4 VIP, built as the words of its layout
+/// (`::ffff:a.b.c.d`, port, protocol): three stores into an 8-byte aligned
+/// stack slot. Built field by field, the compiler writes it a byte at a time
+/// and zeroes the prefix with a `memset` call.
+#[repr(C, align(8))]
+struct ServiceKeyV4([u64; 3]);
+
+impl ServiceKeyV4 {
+    #[inline(always)]
+    fn new(dst: [u8; 4], port_be: u16, proto: u8) -> Self {
+        let [d0, d1, d2, d3] = dst;
+        let [p0, p1] = port_be.to_ne_bytes();
+        ServiceKeyV4([
+            0,
+            u64::from_ne_bytes([0, 0, 0xff, 0xff, d0, d1, d2, d3]),
+            u64::from_ne_bytes([p0, p1, proto, 0, 0, 0, 0, 0]),
+        ])
+    }
+
+    #[inline(always)]
+    fn get(&self) -> &ServiceKey {
+        const {
+            assert!(core::mem::size_of::<ServiceKey>() <= core::mem::size_of::<ServiceKeyV4>());
+            assert!(core::mem::offset_of!(ServiceKey, port_be) == 16);
+            assert!(core::mem::offset_of!(ServiceKey, proto) == 18);
+        }
+        // SAFETY: same size or larger, stricter alignment, and every byte of
+        // a `ServiceKey` is an integer (any bit pattern is valid).
+        unsafe { &*(self as *const Self as *const ServiceKey) }
+    }
+}
+
+/// A `Flow4` as the two words of its layout: the packet's source and
+/// destination addresses (adjacent on the wire, so one load), then the ports
+/// (also adjacent) and the protocol.
+#[repr(C, align(8))]
+struct FlowKey([u64; 2]);
+
+impl FlowKey {
+    #[inline(always)]
+    fn new(addrs: u64, ports: u32, proto: u8) -> Self {
+        let [a, b, c, d] = ports.to_ne_bytes();
+        FlowKey([addrs, u64::from_ne_bytes([a, b, c, d, proto, 0, 0, 0])])
+    }
+
+    #[inline(always)]
+    fn get(&self) -> &Flow4 {
+        const {
+            assert!(core::mem::size_of::<Flow4>() == core::mem::size_of::<FlowKey>());
+            assert!(core::mem::offset_of!(Flow4, dst) == 4);
+            assert!(core::mem::offset_of!(Flow4, sport_be) == 8);
+            assert!(core::mem::offset_of!(Flow4, dport_be) == 10);
+            assert!(core::mem::offset_of!(Flow4, proto) == 12);
+        }
+        // SAFETY: as for `ServiceKeyV4::get`.
+        unsafe { &*(self as *const Self as *const Flow4) }
+    }
+}
+
+/// A `CtEntry` in an 8-byte aligned slot (its `u64` already makes it so;
+/// kept for symmetry with the keys).
+#[repr(C, align(8))]
+struct Aligned<T>(T);
+
+/// The word at byte `OFF` of a map value. Map values are 8-byte aligned (the
+/// kernel rounds every value slot up to 8 bytes), so a word-aligned `OFF` is
+/// an aligned load; through a `[u8; N]` field the compiler loads byte by byte.
+#[inline(always)]
+fn value_word<V, T: Copy, const OFF: usize>(v: &V) -> T {
+    const {
+        assert!(OFF % core::mem::size_of::<T>() == 0);
+        assert!(OFF + core::mem::size_of::<T>() <= core::mem::size_of::<V>());
+        assert!(core::mem::size_of::<T>() <= 8);
+    }
+    // SAFETY: inside the value, aligned (see above), and `T` is an integer.
+    unsafe { ((v as *const V as *const u8).add(OFF) as *const T).read() }
+}
+
 /// The packet's fields mqlb decides on (IPv4; read before any rewrite).
 struct Packet {
-    flow: Flow4,
+    flow: FlowKey,
     tos: u8,
     total_len: u16,
     dont_fragment: bool,
@@ -109,43 +207,43 @@ struct Packet {
 }
 
 fn try_mqlb(ctx: &XdpContext) -> Result<u32, DropReason> {
-    // Anything we cannot read far enough to name a service is not ours.
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+    // Anything we cannot read far enough to name a service is not ours. The
+    // cheapest tests come first: most traffic that is not ours stops at the
+    // ethertype or the protocol, before a map lookup.
+    let Some(h) = Bytes::<HDRS_LEN>::at(ctx, 0) else {
         return Ok(xdp_action::XDP_PASS);
     };
-    if unsafe { (*eth).ether_type } != ETH_P_IPV4.to_be() {
+    if h.u16::<ETHERTYPE>() != ETH_P_IPV4.to_be() {
         return Ok(xdp_action::XDP_PASS);
     }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
-        return Ok(xdp_action::XDP_PASS);
-    };
-    let ip = unsafe { &*ip };
-    let proto = ip.proto as u8;
-    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-    if (proto != PROTO_TCP && proto != PROTO_UDP) || ihl < IPV4_LEN {
+    let proto = h.u8::<IP_PROTO>();
+    if proto != PROTO_TCP && proto != PROTO_UDP {
         return Ok(xdp_action::XDP_PASS);
     }
-    let frag = u16::from_be_bytes(ip.frags);
+    let ihl = ((h.u8::<IP_VIHL>() & 0x0f) as usize) * 4;
+    let frag = u16::from_be(h.u16::<IP_FRAG>());
     // A non-first fragment carries no ports: it cannot be matched to a
     // service, so it is the kernel's (which drops it: the VIP is not local).
-    if frag & IPV4_OFFSET_MASK != 0 {
+    if ihl < IPV4_LEN || frag & IPV4_OFFSET_MASK != 0 {
         return Ok(xdp_action::XDP_PASS);
     }
-    let l4 = ETH_LEN + (ihl & 0x3c);
-    let Some(ports) = ptr_at::<[u8; 4]>(ctx, l4) else {
+    let ports = if ihl == IPV4_LEN {
+        h.u32::<L4>()
+    } else {
+        // Options move the ports; such a packet is read only far enough to
+        // find its service, then dropped below.
+        match Bytes::<4>::at(ctx, ETH_LEN + ihl) {
+            Some(p) => p.u32::<0>(),
+            None => return Ok(xdp_action::XDP_PASS),
+        }
+    };
+    let [_, _, d0, d1] = ports.to_ne_bytes();
+    let dport_be = u16::from_ne_bytes([d0, d1]);
+    let key = ServiceKeyV4::new(h.u32::<IP_DST>().to_ne_bytes(), dport_be, proto);
+    let Some(svc) = (unsafe { SERVICES.get(key.get()) }) else {
         return Ok(xdp_action::XDP_PASS);
     };
-    let ports = unsafe { *ports };
-    let key = ServiceKey {
-        addr: v4_mapped(ip.dst_addr),
-        port_be: u16::from_ne_bytes([ports[2], ports[3]]),
-        proto,
-        _pad: 0,
-    };
-    let Some(svc) = (unsafe { SERVICES.get(&key) }) else {
-        return Ok(xdp_action::XDP_PASS);
-    };
-    let total_len = u16::from_be_bytes(ip.tot_len);
+    let total_len = u16::from_be(h.u16::<IP_TOT_LEN>());
     count_traffic(&SVC_STATS, svc.id, total_len, false);
 
     // Policy for service traffic we will not forward (Katran does the same):
@@ -162,55 +260,51 @@ fn try_mqlb(ctx: &XdpContext) -> Result<u32, DropReason> {
         return Err(DropReason::MalformedIp);
     }
     let syn = if proto == PROTO_TCP {
-        let Some(flags) = ptr_at::<u8>(ctx, ETH_LEN + IPV4_LEN + TCP_FLAGS_OFF) else {
+        let Some(t) = Bytes::<{ TCP_FLAGS + 1 }>::at(ctx, 0) else {
             return Err(DropReason::MalformedL4);
         };
-        let flags = unsafe { *flags };
+        let flags = t.u8::<TCP_FLAGS>();
         tcp_syn_rehashes(flags & TCP_SYN != 0, flags & TCP_ACK != 0)
     } else {
-        if ptr_at::<[u8; 8]>(ctx, ETH_LEN + IPV4_LEN).is_none() {
+        if Bytes::<{ L4 + UDP_HDR_LEN }>::at(ctx, 0).is_none() {
             return Err(DropReason::MalformedL4);
         }
         false
     };
     let pkt = Packet {
-        flow: Flow4 {
-            src: ip.src_addr,
-            dst: ip.dst_addr,
-            sport_be: u16::from_ne_bytes([ports[0], ports[1]]),
-            dport_be: key.port_be,
-            proto,
-            _pad: [0; 3],
-        },
-        tos: ip.tos,
+        flow: FlowKey::new(h.u64::<IP_SRC>(), ports, proto),
+        tos: h.u8::<IP_TOS>(),
         total_len,
         dont_fragment: frag & IPV4_DF != 0,
         syn,
     };
-    let (id, backend) = pick_backend(svc, &pkt)?;
-    forward(ctx, &pkt, id, backend)
+    let backend = pick_backend(svc, &pkt)?;
+    forward(ctx, &pkt, backend)
 }
 
 /// Conntrack first (unless a SYN starts the flow over), else the Maglev ring.
 #[inline(always)]
-fn pick_backend(svc: &ServiceValue, pkt: &Packet) -> Result<(u32, &'static Backend), DropReason> {
-    let udp = pkt.flow.proto == PROTO_UDP;
+fn pick_backend(svc: &ServiceValue, pkt: &Packet) -> Result<&'static Backend, DropReason> {
+    let f = pkt.flow.get();
+    let udp = f.proto == PROTO_UDP;
+    // The clock costs a helper call; only UDP entries age.
     let now = if udp {
         unsafe { bpf_ktime_get_ns() }
     } else {
         0
     };
     if !pkt.syn {
-        if let Some(ct) = CT4.get_ptr_mut(&pkt.flow) {
+        if let Some(ct) = CT4.get_ptr_mut(f) {
             let ct = unsafe { &mut *ct };
-            if ct_is_live(pkt.flow.proto, ct.seen_ns, now, svc.udp_idle_s) {
+            if ct_is_live(f.proto, ct.seen_ns, now, svc.udp_idle_s) {
                 if udp && now.wrapping_sub(ct.seen_ns) > CT_REFRESH_NS {
                     ct.seen_ns = now;
                 }
-                let backend = backend(ct.backend)?;
+                let id = ct.backend;
+                let backend = backend(id)?;
                 count(Counter::CtHit);
-                count_traffic(&BE_STATS, ct.backend, pkt.total_len, false);
-                return Ok((ct.backend, backend));
+                count_traffic(&BE_STATS, id, pkt.total_len, false);
+                return Ok(backend);
             }
         }
     }
@@ -218,7 +312,6 @@ fn pick_backend(svc: &ServiceValue, pkt: &Packet) -> Result<(u32, &'static Backe
     if svc.ring_size == 0 {
         return Err(DropReason::NoBackend);
     }
-    let f = &pkt.flow;
     let hash = flow_hash_v4(
         svc.seed,
         HashMode::from_u8(svc.hash_mode),
@@ -234,99 +327,134 @@ fn pick_backend(svc: &ServiceValue, pkt: &Packet) -> Result<(u32, &'static Backe
         _ => return Err(DropReason::NoBackend),
     };
     let backend = backend(id)?;
-    let entry = CtEntry {
+    let entry = Aligned(CtEntry {
         backend: id,
         _pad: 0,
         seen_ns: now,
-    };
+    });
     // An LRU insert cannot fail for lack of room; a failure here only costs
     // the next packet a second ring lookup, which picks the same backend.
-    let _ = CT4.insert(&pkt.flow, &entry, 0);
+    let _ = CT4.insert(f, &entry.0, 0);
     count_traffic(&BE_STATS, id, pkt.total_len, true);
-    Ok((id, backend))
+    Ok(backend)
 }
 
+/// The backend entry of `id`, if the daemon configured it (a non-zero address).
 #[inline(always)]
 fn backend(id: u32) -> Result<&'static Backend, DropReason> {
     match BACKENDS.get(id) {
-        Some(b) if b.addr != [0u8; 16] => Ok(b),
+        Some(b) if value_word::<_, u64, 0>(b) | value_word::<_, u64, 8>(b) != 0 => Ok(b),
         _ => Err(DropReason::BackendMissing),
     }
 }
 
-/// Where the encapsulated packet goes: the cached next hop, else the FIB.
-struct NextHop {
-    ifindex: u32,
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    /// The MAC is unknown: hand the encapsulated packet to the kernel.
-    pass: bool,
+/// The IPv4 address inside an IPv4-mapped `Backend` address field.
+#[inline(always)]
+fn addr4(a: &[u8; 16]) -> [u8; 4] {
+    [a[12], a[13], a[14], a[15]]
 }
 
 #[inline(always)]
-fn forward(ctx: &XdpContext, pkt: &Packet, _id: u32, be: &Backend) -> Result<u32, DropReason> {
-    let outer_dst = [be.addr[12], be.addr[13], be.addr[14], be.addr[15]];
-    let outer_src = [
-        be.outer_src[12],
-        be.outer_src[13],
-        be.outer_src[14],
-        be.outer_src[15],
-    ];
-    let hop = if be.flags & backend_flags::NEXTHOP != 0 {
-        if !ipip_fits(pkt.total_len, be.mtu) {
-            return too_big(ctx, pkt, ipip_client_mtu(be.mtu));
-        }
-        NextHop {
-            ifindex: be.ifindex,
-            src_mac: be.src_mac,
-            dst_mac: be.dst_mac,
-            pass: false,
-        }
-    } else {
-        match fib_next_hop(ctx, pkt, outer_src, outer_dst)? {
-            Ok(hop) => hop,
-            Err(mtu) => return too_big(ctx, pkt, ipip_client_mtu(mtu)),
-        }
-    };
+fn forward(ctx: &XdpContext, pkt: &Packet, be: &Backend) -> Result<u32, DropReason> {
+    if be.flags & backend_flags::NEXTHOP == 0 {
+        return forward_by_fib(ctx, pkt, be);
+    }
+    if !ipip_fits(pkt.total_len, be.mtu) {
+        return too_big(ctx, pkt.dont_fragment, ipip_client_mtu(be.mtu));
+    }
+    // Backend fields are read after the helper call: read before, they
+    // would be spilled to the stack across it.
+    let out = grow_for_ipip(ctx)?;
+    write_outer(
+        out,
+        pkt,
+        addr4(&be.outer_src),
+        addr4(&be.addr),
+        EthAddrs::of_backend(be),
+    );
+    Ok(send(ctx, be.ifindex))
+}
 
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV4_LEN as i32)) } != 0 {
-        return Err(DropReason::AdjustFailed);
-    }
-    let Some(eth) = ptr_at_mut::<[u8; ETH_LEN]>(ctx, 0) else {
-        return Err(DropReason::AdjustFailed);
-    };
-    let Some(outer) = ptr_at_mut::<[u8; IPV4_LEN]>(ctx, ETH_LEN) else {
-        return Err(DropReason::AdjustFailed);
-    };
-    let t = ETH_P_IPV4.to_be_bytes();
-    let (d, s) = (hop.dst_mac, hop.src_mac);
-    unsafe {
-        *eth = [
-            d[0], d[1], d[2], d[3], d[4], d[5], s[0], s[1], s[2], s[3], s[4], s[5], t[0], t[1],
-        ];
-        *outer = ipip_outer_v4(outer_src, outer_dst, pkt.total_len, pkt.tos);
-    }
-    if hop.pass {
-        count(Counter::NexthopPass);
-        return Ok(xdp_action::XDP_PASS);
-    }
-    if hop.ifindex as usize == ctx.ingress_ifindex() {
-        Ok(xdp_action::XDP_TX)
+/// XDP_TX when the next hop is out of the port the packet came in on.
+#[inline(always)]
+fn send(ctx: &XdpContext, ifindex: u32) -> u32 {
+    if ifindex as usize == ctx.ingress_ifindex() {
+        xdp_action::XDP_TX
     } else {
-        Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as u32)
+        unsafe { bpf_redirect(ifindex, 0) as u32 }
     }
 }
 
-/// The kernel's FIB for a backend whose next hop the daemon has not cached.
-/// `Ok(Err(mtu))`: the encapsulated packet would not fit that MTU.
-#[inline(never)]
-fn fib_next_hop(
-    ctx: &XdpContext,
+/// The outer destination and source MACs as the four words `encap` stores at
+/// frame offsets 0, 2, 6 and 10.
+struct EthAddrs(u16, u32, u32, u16);
+
+impl EthAddrs {
+    #[inline(always)]
+    fn new(dst: &[u8; 6], src: &[u8; 6]) -> Self {
+        let (d, s) = (dst, src);
+        EthAddrs(
+            u16::from_ne_bytes([d[0], d[1]]),
+            u32::from_ne_bytes([d[2], d[3], d[4], d[5]]),
+            u32::from_ne_bytes([s[0], s[1], s[2], s[3]]),
+            u16::from_ne_bytes([s[4], s[5]]),
+        )
+    }
+
+    /// From the backend's cached next hop, as four aligned loads: the
+    /// source MAC sits at offset 40 of the map value, the destination at 46.
+    #[inline(always)]
+    fn of_backend(be: &Backend) -> Self {
+        const {
+            assert!(core::mem::offset_of!(Backend, src_mac) == 40);
+            assert!(core::mem::offset_of!(Backend, dst_mac) == 46);
+        }
+        EthAddrs(
+            value_word::<_, u16, 46>(be),
+            value_word::<_, u32, 48>(be),
+            value_word::<_, u32, 40>(be),
+            value_word::<_, u16, 44>(be),
+        )
+    }
+}
+
+/// Makes room for the outer IPv4 header; returns the 34 bytes of outer
+/// Ethernet and IPv4 header to write.
+#[inline(always)]
+fn grow_for_ipip(ctx: &XdpContext) -> Result<Bytes<{ ETH_LEN + IPV4_LEN }>, DropReason> {
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV4_LEN as i32)) } != 0 {
+        return Err(DropReason::AdjustFailed);
+    }
+    Bytes::at(ctx, 0).ok_or(DropReason::AdjustFailed)
+}
+
+/// Writes the outer Ethernet and IPv4 headers as words.
+#[inline(always)]
+fn write_outer(
+    out: Bytes<{ ETH_LEN + IPV4_LEN }>,
     pkt: &Packet,
     src: [u8; 4],
     dst: [u8; 4],
-) -> Result<Result<NextHop, u16>, DropReason> {
+    macs: EthAddrs,
+) {
+    let ip = ipip_outer_v4_words(src, dst, pkt.total_len, pkt.tos);
+    out.set_u16::<0>(macs.0);
+    out.set_u32::<2>(macs.1);
+    out.set_u32::<6>(macs.2);
+    out.set_u16::<10>(macs.3);
+    out.set_u16::<ETHERTYPE>(ETH_P_IPV4.to_be());
+    out.set_u32::<ETH_LEN>(ip[0]);
+    out.set_u32::<{ ETH_LEN + 4 }>(ip[1]);
+    out.set_u32::<{ ETH_LEN + 8 }>(ip[2]);
+    out.set_u32::<{ ETH_LEN + 12 }>(ip[3]);
+    out.set_u32::<{ ETH_LEN + 16 }>(ip[4]);
+}
+
+/// The kernel's FIB for a backend whose next hop the daemon has not cached.
+#[inline(never)]
+fn forward_by_fib(ctx: &XdpContext, pkt: &Packet, be: &Backend) -> Result<u32, DropReason> {
     count(Counter::FibLookup);
+    let (src, dst) = (addr4(&be.outer_src), addr4(&be.addr));
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = lb_common::PROTO_IPIP;
@@ -344,20 +472,22 @@ fn fib_next_hop(
         )
     };
     match rc as u32 {
-        aya_ebpf::bindings::BPF_FIB_LKUP_RET_SUCCESS => Ok(Ok(NextHop {
-            ifindex: p.ifindex,
-            src_mac: p.smac,
-            dst_mac: p.dmac,
-            pass: false,
-        })),
-        aya_ebpf::bindings::BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Ok(NextHop {
-            ifindex: 0,
-            src_mac: [0; 6],
-            dst_mac: [0; 6],
-            pass: true,
-        })),
+        aya_ebpf::bindings::BPF_FIB_LKUP_RET_SUCCESS => {
+            let out = grow_for_ipip(ctx)?;
+            write_outer(out, pkt, src, dst, EthAddrs::new(&p.dmac, &p.smac));
+            Ok(send(ctx, p.ifindex))
+        }
+        // The MAC is unknown: hand the encapsulated packet to the kernel,
+        // which resolves the neighbour.
+        aya_ebpf::bindings::BPF_FIB_LKUP_RET_NO_NEIGH => {
+            let out = grow_for_ipip(ctx)?;
+            write_outer(out, pkt, src, dst, EthAddrs(0, 0, 0, 0));
+            count(Counter::NexthopPass);
+            Ok(xdp_action::XDP_PASS)
+        }
         aya_ebpf::bindings::BPF_FIB_LKUP_RET_FRAG_NEEDED => {
-            Ok(Err(unsafe { p.__bindgen_anon_1.mtu_result }))
+            let mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+            too_big(ctx, pkt.dont_fragment, ipip_client_mtu(mtu))
         }
         _ => Err(DropReason::NoRoute),
     }
@@ -367,8 +497,8 @@ fn fib_next_hop(
 /// the VIP, out of the port it came in on. Without DF the client's stack
 /// would not act on it, so such packets are dropped and counted instead.
 #[inline(never)]
-fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<u32, DropReason> {
-    if !pkt.dont_fragment {
+fn too_big(ctx: &XdpContext, dont_fragment: bool, mtu: u16) -> Result<u32, DropReason> {
+    if !dont_fragment {
         return Err(DropReason::TooBigNoDf);
     }
     let keep = (ETH_LEN + ICMP4_TOO_BIG_LEN) as i32;

@@ -411,7 +411,13 @@ mod tests {
         let typo = r#"{"addr":"10.0.1.1","weigth":5}"#;
         let (st, v) = call(&t, "POST", "/v1/services/amqp/backends", Some(typo)).await;
         assert_eq!(st, 422);
-        assert!(v["error"].as_str().unwrap().contains("unknown field `weigth`"), "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("unknown field `weigth`"),
+            "{v}"
+        );
         let (st, v) = call(&t, "GET", "/v2/nothing", None).await;
         assert_eq!(st, 404);
         assert!(v["error"].as_str().unwrap().contains("no such endpoint"));

@@ -294,7 +294,10 @@ fn main() {
     let mut rows: Vec<Vec<u64>> = Vec::new();
     let mut samples: Vec<Vec<u64>> = vec![Vec::with_capacity(calls); paths.len()];
     let mut floor_samples = Vec::with_capacity(calls);
-    let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as usize;
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as usize;
     for round in 0..rounds {
         floor_samples.clear();
         samples.iter_mut().for_each(Vec::clear);
