@@ -7,7 +7,12 @@
 //! `cargo run --release -p mqlb-tests --example prog_cost` (root).
 //! `PROG_COST_ROUNDS` (default 11) and `PROG_COST_CALLS` (calls per program
 //! per round, default 3000) change the run length; `PROG_COST_DUMP=DIR` also
-//! writes `bpftool prog dump xlated|jited` of each program into DIR.
+//! writes `bpftool prog dump xlated` of each program into DIR;
+//! `PROG_COST_BEFORE=FILE` also measures the mqlb paths of another build of
+//! the object (e.g. from before a change), interleaved in the same rounds.
+//!
+//! A path's figure in a round is the mean of the middle half of its samples:
+//! the distribution has a long tail, and its median moves in steps.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -39,10 +44,18 @@ fn run(prog: &Xdp, input: &[u8], out: &mut [u8]) -> (u32, u64) {
     (r.return_value, r.duration.as_nanos() as u64)
 }
 
-fn median<T: Copy + PartialOrd>(v: &[T]) -> T {
+fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_unstable_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
+}
+
+/// Mean of the middle half of `v` (the interquartile mean).
+fn iqm(v: &mut [u64]) -> f64 {
+    v.sort_unstable();
+    let q = v.len() / 4;
+    let mid = &v[q..v.len() - q];
+    mid.iter().sum::<u64>() as f64 / mid.len() as f64
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -57,10 +70,14 @@ fn load(object: &[u8], program: &str) -> Ebpf {
         .map_max_entries("CT4", 65536)
         .load(object)
         .unwrap_or_else(|e| panic!("load the object of {program} (root?): {e}"));
+    load_program(&mut ebpf, program);
+    ebpf
+}
+
+fn load_program(ebpf: &mut Ebpf, program: &str) {
     let p: &mut Xdp = ebpf.program_mut(program).unwrap().try_into().unwrap();
     p.load()
         .unwrap_or_else(|e| panic!("the verifier rejects {program}: {e}"));
-    ebpf
 }
 
 fn xdp<'a>(ebpf: &'a Ebpf, program: &str) -> &'a Xdp {
@@ -80,13 +97,12 @@ fn describe(name: &str, prog: &Xdp, dump: Option<&str>) {
         info.size_jitted()
     );
     if let Some(dir) = dump {
-        for kind in ["xlated", "jited"] {
-            let out = std::process::Command::new("bpftool")
-                .args(["prog", "dump", kind, "id", &info.id().to_string()])
-                .output()
-                .expect("run bpftool");
-            std::fs::write(format!("{dir}/{name}.{kind}"), out.stdout).expect("write the dump");
-        }
+        let out = std::process::Command::new("bpftool")
+            .args(["prog", "dump", "xlated", "id", &info.id().to_string()])
+            .output()
+            .expect("run bpftool");
+        let file = format!("{dir}/{}.xlated", name.replace([' ', '[', ']'], ""));
+        std::fs::write(file, out.stdout).expect("write the dump");
     }
 }
 
@@ -102,7 +118,7 @@ fn monotonic_ns() -> u64 {
 
 /// Backends 1..=3, a TCP service (AMQP, five-tuple) and a UDP one (RTP), one
 /// established flow of each in conntrack.
-fn set_up_lb(lb: &mut Ebpf) -> (Flow4, Flow4) {
+fn set_up_lb(lb: &mut Ebpf) {
     let backends: Vec<[u8; 4]> = (1..=3).map(|i| [10, 99, 1, 10 + i]).collect();
     {
         let mut m: Array<&mut MapData, Backend> =
@@ -182,12 +198,11 @@ fn set_up_lb(lb: &mut Ebpf) -> (Flow4, Flow4) {
         };
         ct.insert(f, e, 0).unwrap();
     }
-    (tcp_flow, udp_flow)
 }
 
 /// One measured path: a program, a frame, and the verdict it must give.
 struct Path<'a> {
-    name: &'static str,
+    name: String,
     prog: &'a Xdp,
     input: Vec<u8>,
     action: u32,
@@ -199,23 +214,32 @@ fn main() {
     let dump = std::env::var("PROG_COST_DUMP").ok();
 
     let mut lb = load(lb_user::programs::LB_OBJECT, lb_user::programs::LB_PROGRAM);
+    set_up_lb(&mut lb);
+    let before = std::env::var("PROG_COST_BEFORE").ok().map(|file| {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("CT4", 65536)
+            .load_file(&file)
+            .unwrap_or_else(|e| panic!("load {file}: {e}"));
+        load_program(&mut ebpf, lb_user::programs::LB_PROGRAM);
+        set_up_lb(&mut ebpf);
+        ebpf
+    });
     let mut decap = load(
         lb_user::programs::DECAP_OBJECT,
         lb_user::programs::DECAP_PROGRAM,
     );
-    let mut base = load(lb_user::programs::BASELINE_OBJECT, "xdp_pass");
-    {
-        let p: &mut Xdp = base.program_mut("xdp_swap_tx").unwrap().try_into().unwrap();
-        p.load().expect("the verifier accepts xdp_swap_tx");
-    }
-    set_up_lb(&mut lb);
     {
         let mut addrs: HashMap<&mut MapData, [u8; 16], u32> =
             HashMap::try_from(decap.map_mut("DECAP_ADDRS").unwrap()).unwrap();
         addrs.insert(v4_mapped([10, 99, 1, 12]), 1, 0).unwrap();
     }
+    let mut base = load(lb_user::programs::BASELINE_OBJECT, "xdp_pass");
+    load_program(&mut base, "xdp_swap_tx");
 
     let lbp = xdp(&lb, lb_user::programs::LB_PROGRAM);
+    let beforep = before
+        .as_ref()
+        .map(|b| xdp(b, lb_user::programs::LB_PROGRAM));
     let decapp = xdp(&decap, lb_user::programs::DECAP_PROGRAM);
     let empty = xdp(&base, "xdp_pass");
     let swap = xdp(&base, "xdp_swap_tx");
@@ -228,59 +252,65 @@ fn main() {
         std::fs::create_dir_all(dir).expect("create PROG_COST_DUMP");
     }
     for (name, prog) in [
-        ("mqlb", lbp),
-        ("mqlb_decap", decapp),
-        ("xdp_pass", empty),
-        ("xdp_swap_tx", swap),
+        ("mqlb", Some(lbp)),
+        ("mqlb [before]", beforep),
+        ("mqlb_decap", Some(decapp)),
+        ("xdp_pass", Some(empty)),
+        ("xdp_swap_tx", Some(swap)),
     ] {
-        describe(name, prog, dump.as_deref());
+        if let Some(prog) = prog {
+            describe(name, prog, dump.as_deref());
+        }
     }
 
     let tcp_ip = Ip4::new(CLIENT, VIP, PROTO_TCP);
     let udp_ip = Ip4::new(CLIENT, VIP, PROTO_UDP);
     let other_ip = Ip4::new(CLIENT, [10, 99, 0, 2], PROTO_TCP);
     let established = frame(&tcp_ip, &tcp(&tcp_ip, 40000, 5672, ACK, &[0u8; 64]));
-    let paths = vec![
-        Path {
-            name: "swap MACs + XDP_TX (baseline)",
-            prog: swap,
-            input: established.clone(),
-            action: XDP_TX,
-        },
-        Path {
-            name: "pass-through (not a service)",
-            prog: lbp,
-            input: frame(&other_ip, &tcp(&other_ip, 40000, 22, ACK, &[0u8; 64])),
-            action: XDP_PASS,
-        },
-        Path {
-            name: "established TCP (ct hit)",
-            prog: lbp,
-            input: established,
-            action: XDP_TX,
-        },
-        Path {
-            name: "UDP rtp flow (ct hit)",
-            prog: lbp,
-            input: frame(&udp_ip, &udp(&udp_ip, 30000, 5004, &[0x80; 172])),
-            action: XDP_TX,
-        },
-        Path {
-            name: "new TCP (SYN, Maglev)",
-            prog: lbp,
-            input: frame(&tcp_ip, &tcp(&tcp_ip, 40001, 5672, SYN, b"")),
-            action: XDP_TX,
-        },
-        Path {
-            name: "decap (IPIP to a local addr)",
-            prog: decapp,
-            input: {
-                let inner = frame(&tcp_ip, &tcp(&tcp_ip, 40000, 5672, ACK, &[0u8; 64]));
-                ipip_expected(LB_MAC, LB_MAC, LB_ADDR, [10, 99, 1, 12], &inner[14..])
-            },
-            action: XDP_PASS,
-        },
+    let lb_paths = [
+        (
+            "pass-through (not a service)",
+            frame(&other_ip, &tcp(&other_ip, 40000, 22, ACK, &[0u8; 64])),
+            XDP_PASS,
+        ),
+        ("established TCP (ct hit)", established.clone(), XDP_TX),
+        (
+            "UDP rtp flow (ct hit)",
+            frame(&udp_ip, &udp(&udp_ip, 30000, 5004, &[0x80; 172])),
+            XDP_TX,
+        ),
+        (
+            "new TCP (SYN, Maglev)",
+            frame(&tcp_ip, &tcp(&tcp_ip, 40001, 5672, SYN, b"")),
+            XDP_TX,
+        ),
     ];
+    let mut paths = vec![Path {
+        name: "swap MACs + XDP_TX (baseline)".into(),
+        prog: swap,
+        input: established,
+        action: XDP_TX,
+    }];
+    for (label, prog) in [("", Some(lbp)), (" [before]", beforep)] {
+        let Some(prog) = prog else { continue };
+        for (name, input, action) in &lb_paths {
+            paths.push(Path {
+                name: format!("{name}{label}"),
+                prog,
+                input: input.clone(),
+                action: *action,
+            });
+        }
+    }
+    paths.push(Path {
+        name: "decap (IPIP to a local addr)".into(),
+        prog: decapp,
+        input: {
+            let inner = frame(&tcp_ip, &tcp(&tcp_ip, 40000, 5672, ACK, &[0u8; 64]));
+            ipip_expected(LB_MAC, LB_MAC, LB_ADDR, [10, 99, 1, 12], &inner[14..])
+        },
+        action: XDP_PASS,
+    });
 
     // A benchmark that measured a drop path would look fast: check verdicts first.
     let mut out = vec![0u8; 2048];
@@ -289,9 +319,9 @@ fn main() {
         assert_eq!(action, p.action, "{}: unexpected verdict", p.name);
     }
 
-    // rows[r][i]: median ns/packet of path i in round r; floors[r] the empty program's.
+    // rows[r][i]: ns/packet of path i in round r; floors[r]: the empty program's.
     let mut floors = Vec::new();
-    let mut rows: Vec<Vec<u64>> = Vec::new();
+    let mut rows: Vec<Vec<f64>> = Vec::new();
     let mut samples: Vec<Vec<u64>> = vec![Vec::with_capacity(calls); paths.len()];
     let mut floor_samples = Vec::with_capacity(calls);
     let seed = SystemTime::now()
@@ -310,42 +340,38 @@ fn main() {
                 samples[i].push(run(paths[i].prog, &paths[i].input, &mut out).1);
             }
         }
-        floors.push(median(&floor_samples));
-        rows.push(samples.iter().map(|s| median(s)).collect());
+        floors.push(iqm(&mut floor_samples));
+        rows.push(samples.iter_mut().map(|s| iqm(s)).collect());
     }
 
-    let fastest = *floors.iter().min().unwrap();
+    let fastest = floors.iter().cloned().fold(f64::INFINITY, f64::min);
     let fast: Vec<usize> = (0..rounds)
-        .filter(|&r| floors[r] as f64 <= 1.25 * fastest as f64)
+        .filter(|&r| floors[r] <= 1.25 * fastest)
         .collect();
+    let shown: Vec<String> = floors.iter().map(|f| format!("{f:.0}")).collect();
     println!(
-        "\n{rounds} rounds x {calls} calls per program, interleaved; empty-program floor per round (ns): {:?}",
-        floors
+        "\n{rounds} rounds x {calls} calls per program, interleaved; empty-program floor per round (ns): {}",
+        shown.join(" ")
     );
     println!(
         "fast rounds (floor <= 1.25 x lowest): {} of {rounds}\n",
         fast.len()
     );
     println!(
-        "{:<30} {:>7} {:>6} {:>6} {:>9} {:>9} {:>7}  per-round ratio to the empty program",
+        "{:<38} {:>6} {:>6} {:>6} {:>8} {:>8} {:>6}  per-round ratio to the empty program",
         "path", "ns/pkt", "floor", "net", "net fast", "net-swap", "ratio"
     );
     for (i, p) in paths.iter().enumerate() {
-        let nets: Vec<i64> = (0..rounds)
-            .map(|r| rows[r][i] as i64 - floors[r] as i64)
-            .collect();
-        let fast_nets: Vec<i64> = fast.iter().map(|&r| nets[r]).collect();
-        let over_swap: Vec<i64> = (0..rounds)
-            .map(|r| rows[r][i] as i64 - rows[r][0] as i64)
-            .collect();
-        let ratios: Vec<f64> = (0..rounds)
-            .map(|r| rows[r][i] as f64 / floors[r] as f64)
-            .collect();
+        let per_round = |f: &dyn Fn(usize) -> f64| (0..rounds).map(f).collect::<Vec<f64>>();
+        let nets = per_round(&|r| rows[r][i] - floors[r]);
+        let fast_nets: Vec<f64> = fast.iter().map(|&r| nets[r]).collect();
+        let over_swap = per_round(&|r| rows[r][i] - rows[r][0]);
+        let ratios = per_round(&|r| rows[r][i] / floors[r]);
         let shown: Vec<String> = ratios.iter().map(|x| format!("{x:.2}")).collect();
         println!(
-            "{:<30} {:>7} {:>6} {:>6} {:>9} {:>9} {:>7.2}  {}",
+            "{:<38} {:>6.0} {:>6.0} {:>6.0} {:>8.0} {:>8.0} {:>6.2}  {}",
             p.name,
-            median(&rows.iter().map(|row| row[i]).collect::<Vec<_>>()),
+            median(&per_round(&|r| rows[r][i])),
             median(&floors),
             median(&nets),
             median(&fast_nets),
@@ -355,7 +381,7 @@ fn main() {
         );
     }
     println!(
-        "\nnet: per-round median minus the empty program's, median over rounds; \
+        "\nnet: the path minus the empty program in the same round, median over rounds; \
          net fast: the same over fast rounds only; net-swap: minus the swap-MACs baseline."
     );
 }
