@@ -126,6 +126,15 @@ pub mod backend_state {
     pub const DRAINING: u8 = 1;
     /// Deleted by the user; kept only so established flows finish.
     pub const REMOVED: u8 = 2;
+    /// Failed its health check: out of the ring, and its conntrack entries
+    /// no longer pin flows (UDP moves to a healthy backend, TCP re-hashes so
+    /// the client fails fast instead of waiting on a dead peer).
+    pub const DOWN: u8 = 3;
+}
+
+/// Whether a conntrack entry pointing at a backend in `state` still pins its flow.
+pub const fn backend_keeps_flows(state: u8) -> bool {
+    state != backend_state::DOWN
 }
 
 /// `Backend::flags` bits.

@@ -18,10 +18,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     packet::{ETH_LEN, ETH_P_IPV4, IPV4_LEN, IPV4_MF, IPV4_OFFSET_MASK},
-    v4_mapped, Counter, PROTO_IPIP,
+    Counter, PROTO_IPIP,
 };
-use network_types::ip::Ipv4Hdr;
-use ptr::{ptr_at, ptr_at_mut};
+use ptr::Bytes;
 
 /// Local address (IPv4-mapped) → 1; outer destinations we decapsulate; written by `mqlb decap`.
 #[map]
@@ -29,6 +28,10 @@ static DECAP_ADDRS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(256, 0);
 /// `Counter` → packets, per CPU (`Rx`, `Decap`, `Pass`).
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+/// Ethernet, the outer IPv4 header (no options) and the first byte of the
+/// inner one: what is read before deciding, under one bounds check.
+const HDRS_LEN: usize = ETH_LEN + IPV4_LEN + 1;
 
 #[xdp]
 pub fn mqlb_decap(ctx: XdpContext) -> u32 {
@@ -47,41 +50,62 @@ fn count(c: Counter) {
     }
 }
 
+/// An IPv4-mapped address key, as its two words in an 8-byte aligned slot
+/// (built byte by byte, it costs a store per byte and a `memset` call).
+#[repr(C, align(8))]
+struct MappedV4([u64; 2]);
+
+impl MappedV4 {
+    #[inline(always)]
+    fn new(addr: [u8; 4]) -> Self {
+        let [a, b, c, d] = addr;
+        MappedV4([0, u64::from_ne_bytes([0, 0, 0xff, 0xff, a, b, c, d])])
+    }
+
+    #[inline(always)]
+    fn get(&self) -> &[u8; 16] {
+        // SAFETY: same size, stricter alignment, any bytes are a valid `[u8; 16]`.
+        unsafe { &*(self as *const Self as *const [u8; 16]) }
+    }
+}
+
 /// Returns whether the packet was decapsulated.
 #[inline(always)]
 fn try_decap(ctx: &XdpContext) -> bool {
-    let Some(eth) = ptr_at::<[u8; ETH_LEN]>(ctx, 0) else {
+    // Shorter than an outer header and one inner byte: nothing to strip.
+    let Some(h) = Bytes::<HDRS_LEN>::at(ctx, 0) else {
         return false;
     };
-    let eth = unsafe { *eth };
-    if u16::from_be_bytes([eth[12], eth[13]]) != ETH_P_IPV4 {
+    if h.u16::<12>() != ETH_P_IPV4.to_be() {
         return false;
     }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
-        return false;
-    };
-    let ip = unsafe { &*ip };
-    let frag = u16::from_be_bytes(ip.frags);
-    if ip.proto as u8 != PROTO_IPIP || ip.vihl != 0x45 || frag & (IPV4_MF | IPV4_OFFSET_MASK) != 0 {
-        return false;
-    }
-    if unsafe { DECAP_ADDRS.get(&v4_mapped(ip.dst_addr)) }.is_none() {
+    let frag = u16::from_be(h.u16::<{ ETH_LEN + 6 }>());
+    if h.u8::<{ ETH_LEN + 9 }>() != PROTO_IPIP
+        || h.u8::<ETH_LEN>() != 0x45
+        || frag & (IPV4_MF | IPV4_OFFSET_MASK) != 0
+    {
         return false;
     }
-    // The inner header must be there and be IPv4 before we commit.
-    let Some(inner) = ptr_at::<u8>(ctx, ETH_LEN + IPV4_LEN) else {
-        return false;
-    };
-    if unsafe { *inner } >> 4 != 4 {
+    let key = MappedV4::new(h.u32::<{ ETH_LEN + 16 }>().to_ne_bytes());
+    if unsafe { DECAP_ADDRS.get(key.get()) }.is_none() {
         return false;
     }
+    // The inner header must be IPv4 before we commit. The Ethernet
+    // addresses are read here, after the lookup: read before, they would be
+    // spilled to the stack across the call.
+    if h.u8::<{ ETH_LEN + IPV4_LEN }>() >> 4 != 4 {
+        return false;
+    }
+    let (addrs_lo, addrs_hi) = (h.u64::<0>(), h.u32::<8>());
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, IPV4_LEN as i32) } != 0 {
         return false;
     }
-    let Some(new_eth) = ptr_at_mut::<[u8; ETH_LEN]>(ctx, 0) else {
+    let Some(eth) = Bytes::<ETH_LEN>::at(ctx, 0) else {
         return false;
     };
-    unsafe { *new_eth = eth };
+    eth.set_u64::<0>(addrs_lo);
+    eth.set_u32::<8>(addrs_hi);
+    eth.set_u16::<12>(ETH_P_IPV4.to_be());
     true
 }
 

@@ -34,7 +34,7 @@ use lb_common::{
     Backend, Counter, CtEntry, DropReason, Flow4, HashMode, ServiceKey, ServiceValue, Traffic,
     CT_DEFAULT_ENTRIES, CT_REFRESH_NS, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP, RING_MAX,
 };
-use ptr::{ptr_at, ptr_at_mut, Bytes};
+use ptr::Bytes;
 
 /// `ServiceKey` → `ServiceValue`; written by the daemon; one entry per service.
 #[map]
@@ -501,48 +501,60 @@ fn too_big(ctx: &XdpContext, dont_fragment: bool, mtu: u16) -> Result<u32, DropR
     if !dont_fragment {
         return Err(DropReason::TooBigNoDf);
     }
-    let keep = (ETH_LEN + ICMP4_TOO_BIG_LEN) as i32;
     let len = (ctx.data_end() - ctx.data()) as i32;
-    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, keep - len) } != 0 {
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, ICMP_ANSWER_LEN as i32 - len) } != 0 {
         return Err(DropReason::AdjustFailed);
     }
+    let Some(b) = Bytes::<ICMP_ANSWER_LEN>::at(ctx, 0) else {
+        return Err(DropReason::AdjustFailed);
+    };
     // Rewrite in place: [eth][ip][8 bytes of l4] becomes
     // [eth swapped][answer ip][icmp][quote of ip + 8 bytes of l4].
-    const ICMP_OFF: usize = ETH_LEN + IPV4_LEN;
-    const QUOTE_OFF: usize = ICMP_OFF + ICMP_HDR_LEN;
-    let (Some(eth), Some(orig), Some(quote)) = (
-        ptr_at_mut::<[u8; ETH_LEN]>(ctx, 0),
-        ptr_at::<[u8; ICMP4_QUOTE_LEN]>(ctx, ETH_LEN),
-        ptr_at_mut::<[u16; ICMP4_QUOTE_LEN / 2]>(ctx, QUOTE_OFF),
-    ) else {
-        return Err(DropReason::AdjustFailed);
-    };
-    let (Some(out_ip), Some(out_icmp), Some(src), Some(dst)) = (
-        ptr_at_mut::<[u8; IPV4_LEN]>(ctx, ETH_LEN),
-        ptr_at_mut::<[u8; ICMP_HDR_LEN]>(ctx, ICMP_OFF),
-        ptr_at::<[u8; 4]>(ctx, ETH_LEN + 12),
-        ptr_at::<[u8; 4]>(ctx, ETH_LEN + 16),
-    ) else {
-        return Err(DropReason::AdjustFailed);
-    };
-    unsafe {
-        let (src, dst) = (*src, *dst);
-        core::ptr::copy_nonoverlapping(orig as *const u8, quote as *mut u8, ICMP4_QUOTE_LEN);
-        let mut sum = 0u32;
-        let mut i = 0;
-        while i < ICMP4_QUOTE_LEN / 2 {
-            sum += u16::from_be(core::ptr::read_unaligned(&(*quote)[i])) as u32;
-            i += 1;
-        }
-        *out_ip = icmp4_frag_needed_ip(src, dst).emit();
-        *out_icmp = icmp4_frag_needed_hdr(mtu, sum);
-        let e = &mut *eth;
-        let client_mac: [u8; 6] = [e[6], e[7], e[8], e[9], e[10], e[11]];
-        e.copy_within(0..6, 6);
-        e[..6].copy_from_slice(&client_mac);
-    }
+    // The quote goes after the ICMP header, so it is copied (and summed for
+    // the ICMP checksum) before the headers overwrite what it quotes.
+    const Q: usize = ETH_LEN + IPV4_LEN + ICMP_HDR_LEN;
+    const _: () = assert!(Q == ETH_LEN + ICMP4_QUOTE_LEN && Q + ICMP4_QUOTE_LEN == ICMP_ANSWER_LEN);
+    let (src, dst) = (
+        b.u32::<IP_SRC>().to_ne_bytes(),
+        b.u32::<IP_DST>().to_ne_bytes(),
+    );
+    let sum = quote4::<ETH_LEN, Q>(b)
+        + quote4::<{ ETH_LEN + 4 }, { Q + 4 }>(b)
+        + quote4::<{ ETH_LEN + 8 }, { Q + 8 }>(b)
+        + quote4::<{ ETH_LEN + 12 }, { Q + 12 }>(b)
+        + quote4::<{ ETH_LEN + 16 }, { Q + 16 }>(b)
+        + quote4::<{ ETH_LEN + 20 }, { Q + 20 }>(b)
+        + quote4::<{ ETH_LEN + 24 }, { Q + 24 }>(b);
+    let ip = icmp4_frag_needed_ip(src, dst).emit_words();
+    b.set_u32::<ETH_LEN>(ip[0]);
+    b.set_u32::<{ ETH_LEN + 4 }>(ip[1]);
+    b.set_u32::<{ ETH_LEN + 8 }>(ip[2]);
+    b.set_u32::<{ ETH_LEN + 12 }>(ip[3]);
+    b.set_u32::<{ ETH_LEN + 16 }>(ip[4]);
+    let [i0, i1, i2, i3, i4, i5, i6, i7] = icmp4_frag_needed_hdr(mtu, sum);
+    b.set_u32::<L4>(u32::from_ne_bytes([i0, i1, i2, i3]));
+    b.set_u32::<{ L4 + 4 }>(u32::from_ne_bytes([i4, i5, i6, i7]));
+    // Back to the client: swap the Ethernet addresses.
+    let (d0, d1, s0, s1) = (b.u32::<0>(), b.u16::<4>(), b.u16::<6>(), b.u32::<8>());
+    b.set_u16::<0>(s0);
+    b.set_u32::<2>(s1);
+    b.set_u32::<6>(d0);
+    b.set_u16::<10>(d1);
     count(Counter::IcmpTooBig);
     Ok(xdp_action::XDP_TX)
+}
+
+/// The frame `too_big` sends: Ethernet and the whole ICMP answer.
+const ICMP_ANSWER_LEN: usize = ETH_LEN + ICMP4_TOO_BIG_LEN;
+
+/// Copies the 4 bytes at `FROM` to `TO`; returns their sum as two
+/// big-endian 16-bit words.
+#[inline(always)]
+fn quote4<const FROM: usize, const TO: usize>(b: Bytes<ICMP_ANSWER_LEN>) -> u32 {
+    let w = b.u32::<FROM>();
+    b.set_u32::<TO>(w);
+    let [x0, x1, x2, x3] = w.to_ne_bytes();
+    u16::from_be_bytes([x0, x1]) as u32 + u16::from_be_bytes([x2, x3]) as u32
 }
 
 #[cfg(not(test))]

@@ -11,6 +11,9 @@
 //! well defined: the verifier accepts unaligned packet access where the CPU
 //! handles it (x86-64, arm64), and the JIT emits a plain `mov`. Values are raw,
 //! in memory order; `u16::from_be` and friends make them numbers.
+// Shared by both programs; each uses the accessors it needs.
+#![allow(dead_code)]
+
 use core::arch::asm;
 
 use aya_ebpf::programs::XdpContext;
@@ -81,18 +84,5 @@ impl<const N: usize> Bytes<N> {
     load!(u64, u64, "u64");
     store!(set_u16, u16, "u16");
     store!(set_u32, u32, "u32");
-}
-
-#[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
-    ptr_at_mut(ctx, offset).map(|p| p as *const T)
-}
-
-#[inline(always)]
-pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
-        return None;
-    }
-    Some((start + offset) as *mut T)
+    store!(set_u64, u64, "u64");
 }

@@ -4,11 +4,12 @@
 //! | method and path | body | answer |
 //! |---|---|---|
 //! | `GET /v1/status` | | [`StatusView`] |
-//! | `GET /v1/services` | | `[Service]` |
-//! | `POST /v1/services` | [`ServiceSpec`] | 201 `Service` |
-//! | `GET /v1/services/{name}` | | `Service` |
-//! | `DELETE /v1/services/{name}` | | the deleted `Service` |
-//! | `GET /v1/services/{name}/backends` | | `[Backend]` |
+//! | `GET /v1/services` | | `[ServiceView]` |
+//! | `POST /v1/services` | [`ServiceSpec`] | 201 [`ServiceView`] |
+//! | `GET /v1/services/{name}` | | `ServiceView` |
+//! | `PATCH /v1/services/{name}` | [`ServiceUpdate`] | `ServiceView` |
+//! | `DELETE /v1/services/{name}` | | the deleted `ServiceView` |
+//! | `GET /v1/services/{name}/backends` | | `[BackendView]` |
 //! | `POST /v1/services/{name}/backends` | [`BackendSpec`] | 201 `Backend` |
 //! | `PATCH /v1/services/{name}/backends/{ip}` | [`BackendUpdate`] | `Backend` |
 //! | `DELETE /v1/services/{name}/backends/{ip}` | | the deleted `Backend` |
@@ -18,6 +19,8 @@
 //! Errors are `{"error": "one lowercase line"}` with a 4xx status for a
 //! request a person got wrong (404 unknown, 409 conflict, 400 invalid) and
 //! 500 when the daemon failed.
+//!
+//! A service's health check password is never sent back: it reads `***`.
 
 use std::{
     collections::BTreeMap,
@@ -37,9 +40,36 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     daemon::{error_chain, CoreError, Shared},
+    health::HealthView,
     loader::Attached,
-    state::{BackendSpec, BackendState, BackendUpdate, Proto, ServiceSpec},
+    state::{
+        Backend, BackendSpec, BackendState, BackendUpdate, Proto, Service, ServiceSpec,
+        ServiceUpdate,
+    },
 };
+
+/// A service as the API shows it: its settings (check password `***`),
+/// whether it is in panic mode, and how many backends its table holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceView {
+    #[serde(flatten)]
+    pub service: Service,
+    /// Too few backends pass their check: the table holds the down ones too.
+    pub panic: bool,
+    /// Backends in the Maglev table (taking new flows).
+    pub in_table: usize,
+}
+
+/// A backend as the API shows it, with its health.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendView {
+    #[serde(flatten)]
+    pub backend: Backend,
+    /// In the Maglev table (taking new flows).
+    pub in_table: bool,
+    /// `None` when the service is not checked.
+    pub health: Option<HealthView>,
+}
 
 /// `GET /v1/status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +128,8 @@ pub struct ServiceStats {
     pub id: u32,
     pub vip: SocketAddr,
     pub proto: Proto,
+    /// Too few backends pass their check: the table holds the down ones too.
+    pub panic: bool,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
@@ -110,6 +142,10 @@ pub struct BackendStats {
     pub id: u32,
     pub state: BackendState,
     pub weight: u32,
+    /// In the Maglev table (taking new flows).
+    pub in_table: bool,
+    /// `None` when the service is not checked.
+    pub health: Option<HealthView>,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
@@ -189,7 +225,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/services", get(list_services).post(add_service))
-        .route("/v1/services/{name}", get(get_service).delete(del_service))
+        .route(
+            "/v1/services/{name}",
+            get(get_service).patch(set_service).delete(del_service),
+        )
         .route(
             "/v1/services/{name}/backends",
             get(list_backends).post(add_backend),
@@ -209,7 +248,7 @@ async fn status(AxState(s): St) -> Json<StatusView> {
 }
 
 async fn list_services(AxState(s): St) -> impl IntoResponse {
-    Json(s.core.lock().await.state().services.clone())
+    Json(s.core.lock().await.service_views())
 }
 
 async fn add_service(
@@ -217,20 +256,40 @@ async fn add_service(
     body: Result<Json<ServiceSpec>, JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Json(spec) = body?;
-    let svc = s.core.lock().await.add_service(&spec)?;
-    Ok((StatusCode::CREATED, Json(svc)))
+    let mut core = s.core.lock().await;
+    let svc = core.add_service(&spec)?;
+    Ok((StatusCode::CREATED, Json(core.service_view(&svc))))
 }
 
 async fn get_service(AxState(s): St, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(s.core.lock().await.service(&name)?))
+    let core = s.core.lock().await;
+    let svc = core.service(&name)?;
+    Ok(Json(core.service_view(&svc)))
+}
+
+async fn set_service(
+    AxState(s): St,
+    Path(name): Path<String>,
+    body: Result<Json<ServiceUpdate>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(update) = body?;
+    let mut core = s.core.lock().await;
+    let svc = core.set_service(&name, &update)?;
+    Ok(Json(core.service_view(&svc)))
 }
 
 async fn del_service(AxState(s): St, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(s.core.lock().await.del_service(&name)?))
+    let mut core = s.core.lock().await;
+    let svc = core.del_service(&name)?;
+    Ok(Json(ServiceView {
+        service: svc.redacted(),
+        panic: false,
+        in_table: 0,
+    }))
 }
 
 async fn list_backends(AxState(s): St, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(s.core.lock().await.service(&name)?.backends))
+    Ok(Json(s.core.lock().await.backend_views(&name)?))
 }
 
 async fn add_backend(
@@ -528,6 +587,101 @@ mod tests {
         assert_eq!(svc["backends"][0]["state"], "active");
         let parsed: StatsView = serde_json::from_value(v).unwrap();
         assert_eq!(parsed.services[0].backends[0].packets, 0);
+    }
+
+    #[tokio::test]
+    async fn health_settings_through_the_api_never_show_the_password() {
+        let t = app();
+        let body = r#"{"name":"mgmt","vip":"10.0.0.10:15672","proto":"tcp","ring_size":13,
+            "health":{"check":"http:http://{backend}:15672/api/health/checks/alarms",
+                      "user":"guest","password":"s3cret","interval_ms":5000}}"#;
+        let (st, v) = call(&t, "POST", "/v1/services", Some(body)).await;
+        assert_eq!(st, 201, "{v}");
+        assert_eq!(v["health"]["password"], "***");
+        assert_eq!(v["health"]["user"], "guest");
+        assert_eq!(v["health"]["interval_ms"], 5000);
+        assert_eq!(v["health"]["rise"], 2);
+        assert_eq!(v["panic"], false);
+        for uri in ["/v1/services", "/v1/services/mgmt"] {
+            let (_, v) = call(&t, "GET", uri, None).await;
+            assert!(!v.to_string().contains("s3cret"), "{uri}: {v}");
+        }
+        // Saved with the password, readable by root only.
+        let path = t._dir.path().join("state.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("s3cret"));
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        let (st, v) = call(
+            &t,
+            "PATCH",
+            "/v1/services/mgmt",
+            Some(r#"{"health":{"rise":5,"panic_threshold":25}}"#),
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(
+            (
+                v["health"]["rise"].as_u64(),
+                v["health"]["panic_threshold"].as_u64()
+            ),
+            (Some(5), Some(25))
+        );
+        assert_eq!(v["health"]["password"], "***");
+        let (st, v) = call(
+            &t,
+            "PATCH",
+            "/v1/services/mgmt",
+            Some(r#"{"health":{"timeout_ms":6000}}"#),
+        )
+        .await;
+        assert_eq!(st, 400);
+        assert_eq!(
+            v["error"],
+            "check interval (5s) must be longer than the check timeout (6s)"
+        );
+        let (st, v) = call(
+            &t,
+            "PATCH",
+            "/v1/services/mgmt",
+            Some(r#"{"health":{"check":"icmp"}}"#),
+        )
+        .await;
+        assert_eq!(st, 422, "{v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("unknown check"),
+            "{v}"
+        );
+        let (st, _) = call(
+            &t,
+            "PATCH",
+            "/v1/services/nope",
+            Some(r#"{"health":{"rise":1}}"#),
+        )
+        .await;
+        assert_eq!(st, 404);
+
+        call(
+            &t,
+            "POST",
+            "/v1/services/mgmt/backends",
+            Some(r#"{"addr":"10.0.1.1"}"#),
+        )
+        .await;
+        let (st, v) = call(&t, "GET", "/v1/services/mgmt/backends", None).await;
+        assert_eq!(st, 200);
+        assert_eq!(v[0]["addr"], "10.0.1.1");
+        assert_eq!(v[0]["in_table"], true);
+        assert_eq!(v[0]["health"]["status"], "up");
+        assert_eq!(v[0]["health"]["checked"], false);
+        assert_eq!(v[0]["health"]["transitions"]["down"], 0);
+        let (_, v) = call(&t, "GET", "/v1/stats", None).await;
+        assert_eq!(v["services"][0]["panic"], false);
+        assert_eq!(v["services"][0]["backends"][0]["health"]["status"], "up");
+        let (_, v) = call(&t, "DELETE", "/v1/services/mgmt", None).await;
+        assert_eq!(v["health"]["password"], "***");
     }
 
     #[tokio::test]

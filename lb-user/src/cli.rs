@@ -13,14 +13,15 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 use lb_common::{Counter, DropReason};
 
 use crate::{
-    api::{ShutdownReply, ShutdownRequest, StatsView},
+    api::{BackendView, ServiceView, ShutdownReply, ShutdownRequest, StatsView},
     client::{segment, Client, ClientError},
     daemon::{self, ConfigFile, DaemonError, UpOptions, DEFAULT_SOCKET, DEFAULT_STATE_ROOT},
+    health::{CheckKind, HealthConfig, HealthSpec, HealthView, Status},
     host,
     loader::{self, LoadError, Mode},
     state::{
         parse_backend_addr, parse_vip, Backend, BackendSpec, BackendState, BackendUpdate, Hash,
-        Proto, Service, ServiceSpec, StateError, DEFAULT_UDP_IDLE_S, DEFAULT_WEIGHT,
+        Proto, ServiceSpec, ServiceUpdate, StateError, DEFAULT_UDP_IDLE_S, DEFAULT_WEIGHT,
     },
 };
 
@@ -104,6 +105,15 @@ pub enum ServiceCmd {
         /// Maglev table size: a prime up to 65537
         #[arg(long, value_name = "N", default_value_t = lb_common::RING_DEFAULT as u64)]
         ring_size: u64,
+        #[command(flatten)]
+        health: HealthArgs,
+    },
+    /// Change a service's health check settings (the others keep their values)
+    Set {
+        /// Service name
+        name: String,
+        #[command(flatten)]
+        health: HealthArgs,
     },
     /// Delete a service (its backends' established flows finish)
     Del {
@@ -116,6 +126,66 @@ pub enum ServiceCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Health check options of `service add` and `service set`.
+#[derive(Debug, Default, Args)]
+pub struct HealthArgs {
+    /// Health check: none, tcp, amqp or http:URL; in the URL, {backend} stands
+    /// for the backend address, e.g.
+    /// http:http://{backend}:15672/api/health/checks/alarms [default: none]
+    #[arg(long, value_name = "KIND")]
+    pub check: Option<String>,
+    /// Time between checks, e.g. 2s, 500ms [default: 2s]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration_ms)]
+    pub check_interval: Option<u64>,
+    /// Time a check may take, shorter than the interval [default: 1s]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration_ms)]
+    pub check_timeout: Option<u64>,
+    /// Passed checks in a row that bring a backend back (1-100) [default: 2]
+    #[arg(long, value_name = "N")]
+    pub rise: Option<u64>,
+    /// Failed checks in a row that take a backend out (1-100) [default: 3]
+    #[arg(long, value_name = "N")]
+    pub fall: Option<u64>,
+    /// Port the tcp and amqp checks probe on the backend's address; 0: the
+    /// service port [default: the service port]
+    #[arg(long, value_name = "PORT")]
+    pub check_port: Option<u16>,
+    /// Basic auth user of the http check; '' removes the credentials
+    #[arg(long, value_name = "USER")]
+    pub check_user: Option<String>,
+    /// Basic auth password of the http check (saved in the state file, mode
+    /// 0600; the API shows ***)
+    #[arg(long, value_name = "PASSWORD")]
+    pub check_password: Option<String>,
+    /// Panic mode below this percentage of backends passing their check:
+    /// route over all of them; 0 disables it (0-100) [default: 50]
+    #[arg(long, value_name = "PCT")]
+    pub panic_threshold: Option<u64>,
+}
+
+impl HealthArgs {
+    /// The options as the API takes them; a bad check kind is refused here.
+    pub fn spec(&self) -> Result<HealthSpec, StateError> {
+        Ok(HealthSpec {
+            check: self.check.as_deref().map(str::parse).transpose()?,
+            interval_ms: self.check_interval,
+            timeout_ms: self.check_timeout,
+            rise: self.rise,
+            fall: self.fall,
+            port: self.check_port,
+            user: self.check_user.clone(),
+            password: self.check_password.clone(),
+            panic_threshold: self.panic_threshold,
+        })
+    }
+}
+
+/// `2s`, `500ms`, `1m` → milliseconds.
+fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 2s or 500ms)"))?;
+    u64::try_from(d.as_millis()).map_err(|_| "too long".to_string())
 }
 
 #[derive(Debug, Subcommand)]
@@ -265,8 +335,12 @@ async fn service(client: &Client, cmd: ServiceCmd) -> Result<(), CliError> {
             hash,
             udp_idle,
             ring_size,
+            health,
         } => {
-            parse_vip(&vip)?;
+            let vip_addr = parse_vip(&vip)?;
+            let health = health.spec()?;
+            // Refuse bad check settings before any request.
+            HealthConfig::default().apply(&health)?;
             let spec = ServiceSpec {
                 name,
                 vip,
@@ -274,17 +348,38 @@ async fn service(client: &Client, cmd: ServiceCmd) -> Result<(), CliError> {
                 hash,
                 udp_idle_s: Some(udp_idle),
                 ring_size: Some(ring_size),
+                health,
             };
-            let s: Service = client.post("/v1/services", &spec).await?;
+            let s: ServiceView = client.post("/v1/services", &spec).await?;
+            let s = s.service;
             println!(
-                "service {} added: {}/{}, hash {}, id {}",
-                s.name, s.vip, s.proto, s.hash, s.id
+                "service {} added: {}/{}, hash {}, id {}; {}",
+                s.name,
+                s.vip,
+                s.proto,
+                s.hash,
+                s.id,
+                s.health.summary(vip_addr.port())
             );
         }
+        ServiceCmd::Set { name, health } => {
+            let update = ServiceUpdate {
+                health: health.spec()?,
+            };
+            if update.health.is_empty() {
+                return Err(StateError::EmptyServiceUpdate.into());
+            }
+            let s: ServiceView = client
+                .patch(&format!("/v1/services/{}", segment(&name)), &update)
+                .await?;
+            let s = s.service;
+            println!("service {}: {}", s.name, s.health.summary(s.vip.port()));
+        }
         ServiceCmd::Del { name } => {
-            let s: Service = client
+            let s: ServiceView = client
                 .delete(&format!("/v1/services/{}", segment(&name)))
                 .await?;
+            let s = s.service;
             if s.backends.is_empty() {
                 println!("service {} deleted", s.name);
             } else {
@@ -296,7 +391,7 @@ async fn service(client: &Client, cmd: ServiceCmd) -> Result<(), CliError> {
             }
         }
         ServiceCmd::List { json } => {
-            let list: Vec<Service> = client.get("/v1/services").await?;
+            let list: Vec<ServiceView> = client.get("/v1/services").await?;
             if json {
                 println!("{}", to_json(&list));
             } else {
@@ -363,7 +458,7 @@ async fn backend(client: &Client, cmd: BackendCmd) -> Result<(), CliError> {
             );
         }
         BackendCmd::List { service, json } => {
-            let list: Vec<Backend> = client
+            let list: Vec<BackendView> = client
                 .get(&format!("/v1/services/{}/backends", segment(&service)))
                 .await?;
             if json {
@@ -512,13 +607,29 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-pub fn format_services(list: &[Service]) -> String {
+/// The CHECK column: kind, port or URL, credentials as `user:***`.
+fn check_cell(s: &crate::state::Service) -> String {
+    let c = &s.health;
+    match &c.check {
+        CheckKind::None => "-".into(),
+        CheckKind::Tcp | CheckKind::Amqp => {
+            format!("{}:{}", c.check, c.port.unwrap_or(s.vip.port()))
+        }
+        CheckKind::Http(url) => match &c.user {
+            Some(u) => format!("http {url} ({u}:{})", crate::health::REDACTED),
+            None => format!("http {url}"),
+        },
+    }
+}
+
+pub fn format_services(list: &[ServiceView]) -> String {
     if list.is_empty() {
         return "no services\n".into();
     }
     let rows: Vec<Vec<String>> = list
         .iter()
-        .map(|s| {
+        .map(|v| {
+            let s = &v.service;
             vec![
                 s.name.clone(),
                 s.vip.to_string(),
@@ -530,7 +641,9 @@ pub fn format_services(list: &[Service]) -> String {
                     "-".into()
                 },
                 s.ring_size.to_string(),
-                format!("{}/{}", s.active().count(), s.backends.len()),
+                format!("{}/{}", v.in_table, s.backends.len()),
+                if v.panic { "PANIC" } else { "-" }.into(),
+                check_cell(s),
             ]
         })
         .collect();
@@ -542,28 +655,80 @@ pub fn format_services(list: &[Service]) -> String {
             "HASH",
             "UDP-IDLE",
             "RING",
-            "ACTIVE/BACKENDS",
+            "IN-TABLE/BACKENDS",
+            "PANIC",
+            "CHECK",
         ],
         &rows,
     )
 }
 
-pub fn format_backends(list: &[Backend]) -> String {
+/// The HEALTH column: `-` (not checked), `unchecked`, `up`, `down`, `draining`.
+fn health_cell(h: Option<&HealthView>) -> String {
+    match h {
+        None => "-".into(),
+        Some(h) if !h.checked && h.status == Status::Up => "unchecked".into(),
+        Some(h) => h.status.to_string(),
+    }
+}
+
+fn latency_cell(h: Option<&HealthView>) -> String {
+    match h.and_then(|h| h.last_latency_us) {
+        None => "-".into(),
+        Some(us) if us < 10_000 => format!("{:.1}ms", us as f64 / 1000.0),
+        Some(us) => format!("{}ms", us / 1000),
+    }
+}
+
+/// Transitions to down / to up (and to draining when there were any).
+fn transitions_cell(h: Option<&HealthView>) -> String {
+    match h {
+        None => "-".into(),
+        Some(h) if h.transitions.draining > 0 => format!(
+            "{}/{}/{}",
+            h.transitions.down, h.transitions.up, h.transitions.draining
+        ),
+        Some(h) => format!("{}/{}", h.transitions.down, h.transitions.up),
+    }
+}
+
+pub fn format_backends(list: &[BackendView]) -> String {
     if list.is_empty() {
         return "no backends\n".into();
     }
     let rows: Vec<Vec<String>> = list
         .iter()
-        .map(|b| {
+        .map(|v| {
+            let b: &Backend = &v.backend;
+            let h = v.health.as_ref();
             vec![
                 b.addr.to_string(),
                 b.weight.to_string(),
                 b.state.to_string(),
+                health_cell(h),
+                if v.in_table { "yes" } else { "no" }.into(),
+                latency_cell(h),
+                transitions_cell(h),
                 b.id.to_string(),
+                h.and_then(|h| h.last_transition.clone())
+                    .unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
-    table(&["ADDR", "WEIGHT", "STATE", "ID"], &rows)
+    table(
+        &[
+            "ADDR",
+            "WEIGHT",
+            "STATE",
+            "HEALTH",
+            "IN-TABLE",
+            "CHECK-TIME",
+            "DOWN/UP",
+            "ID",
+            "LAST-CHANGE",
+        ],
+        &rows,
+    )
 }
 
 pub fn format_stats(s: &StatsView) -> String {
@@ -588,6 +753,8 @@ pub fn format_stats(s: &StatsView) -> String {
         rows.push(vec![
             svc.name.clone(),
             format!("{}/{}", svc.vip, svc.proto),
+            if svc.panic { "PANIC" } else { "" }.into(),
+            String::new(),
             String::new(),
             String::new(),
             svc.packets.to_string(),
@@ -595,10 +762,13 @@ pub fn format_stats(s: &StatsView) -> String {
             svc.new_flows.to_string(),
         ]);
         for b in &svc.backends {
+            let h = b.health.as_ref();
             rows.push(vec![
                 String::new(),
                 format!("  {}", b.addr),
                 b.state.to_string(),
+                health_cell(h),
+                transitions_cell(h),
                 b.weight.to_string(),
                 b.packets.to_string(),
                 b.bytes.to_string(),
@@ -612,6 +782,8 @@ pub fn format_stats(s: &StatsView) -> String {
             "SERVICE",
             "VIP / BACKEND",
             "STATE",
+            "HEALTH",
+            "DOWN/UP",
             "WEIGHT",
             "PACKETS",
             "BYTES",
@@ -734,7 +906,9 @@ mod tests {
                 hash,
                 udp_idle,
                 ring_size,
+                health,
             }) => {
+                assert_eq!(health.spec().unwrap(), HealthSpec::default());
                 assert_eq!(name, "media");
                 assert_eq!(vip, "10.0.0.10:4000");
                 assert_eq!(proto, Proto::Udp);
@@ -853,35 +1027,199 @@ mod tests {
 
     #[test]
     fn tables_read_well() {
-        let mut s = crate::state::State::default();
-        s.add_service(&ServiceSpec {
+        let dir = tempfile::tempdir().unwrap();
+        let mut core = crate::daemon::Core::new(
+            crate::state::State::default(),
+            crate::state::StateStore::new(dir.path()),
+            Box::new(crate::dataplane::MemDataplane::default()),
+            Default::default(),
+        )
+        .unwrap();
+        core.add_service(&ServiceSpec {
             name: "amqp".into(),
             vip: "10.0.0.10:5672".into(),
             proto: Proto::Tcp,
             hash: Hash::FiveTuple,
             udp_idle_s: None,
-            ring_size: None,
+            ring_size: Some(13),
+            health: HealthSpec {
+                check: Some(CheckKind::Amqp),
+                ..Default::default()
+            },
         })
         .unwrap();
-        s.add_backend(
-            "amqp",
-            &BackendSpec {
-                addr: "10.0.1.1".into(),
-                weight: None,
+        core.add_service(&ServiceSpec {
+            name: "mgmt".into(),
+            vip: "10.0.0.10:15672".into(),
+            proto: Proto::Tcp,
+            hash: Hash::FiveTuple,
+            udp_idle_s: None,
+            ring_size: Some(13),
+            health: HealthSpec {
+                check: Some(
+                    "http:http://{backend}:15672/api/health/checks/alarms"
+                        .parse()
+                        .unwrap(),
+                ),
+                user: Some("guest".into()),
+                password: Some("secret".into()),
+                ..Default::default()
             },
-        )
+        })
         .unwrap();
-        let t = format_services(&s.services);
-        assert_eq!(
-            t,
-            "NAME  VIP             PROTO  HASH        UDP-IDLE  RING   ACTIVE/BACKENDS\n\
-             amqp  10.0.0.10:5672  tcp    five-tuple  -         65537  1/1\n"
+        for addr in ["10.0.1.1", "10.0.1.2"] {
+            core.add_backend(
+                "amqp",
+                &BackendSpec {
+                    addr: addr.into(),
+                    weight: None,
+                },
+            )
+            .unwrap();
+        }
+        let targets = core.check_targets();
+        let fail = crate::health::ProbeResult::Fail("connect: connection refused".into());
+        for _ in 0..3 {
+            core.report(&targets[1], fail.clone(), Duration::from_micros(1500));
+        }
+        core.report(
+            &targets[0],
+            crate::health::ProbeResult::Pass("AMQP Connection.Start (0-9)".into()),
+            Duration::from_micros(2500),
         );
-        let t = format_backends(&s.services[0].backends);
+        let t = format_services(&core.service_views());
+        assert!(!t.contains("secret"));
         assert_eq!(
             t,
-            "ADDR      WEIGHT  STATE   ID\n10.0.1.1  100     active  1\n"
+            "NAME  VIP              PROTO  HASH        UDP-IDLE  RING  IN-TABLE/BACKENDS  PANIC  CHECK\n\
+             amqp  10.0.0.10:5672   tcp    five-tuple  -         13    1/2                -      amqp:5672\n\
+             mgmt  10.0.0.10:15672  tcp    five-tuple  -         13    0/0                -      \
+             http http://{backend}:15672/api/health/checks/alarms (guest:***)\n"
+        );
+        let t = format_backends(&core.backend_views("amqp").unwrap());
+        assert_eq!(
+            t,
+            "ADDR      WEIGHT  STATE   HEALTH  IN-TABLE  CHECK-TIME  DOWN/UP  ID  LAST-CHANGE\n\
+             10.0.1.1  100     active  up      yes       2.5ms       0/0      1   -\n\
+             10.0.1.2  100     active  down    no        1.5ms       1/0      2   \
+             3 checks in a row did not pass, last: connect: connection refused\n"
+        );
+        let stats = format_stats(&core.stats().unwrap());
+        let line = stats.lines().find(|l| l.contains("10.0.1.2")).unwrap();
+        assert_eq!(
+            line.split_whitespace().collect::<Vec<_>>(),
+            ["10.0.1.2", "active", "down", "1/0", "100", "0", "0", "0"],
+            "{stats}"
         );
         assert_eq!(format_services(&[]), "no services\n");
+    }
+
+    #[test]
+    fn service_set_takes_health_options() {
+        let cli = parse(&[
+            "service",
+            "set",
+            "amqp",
+            "--check",
+            "http:http://{backend}:15672/api/health/checks/alarms",
+            "--check-interval",
+            "5s",
+            "--check-timeout",
+            "1500ms",
+            "--rise",
+            "1",
+            "--fall",
+            "2",
+            "--check-user",
+            "guest",
+            "--check-password",
+            "guest",
+            "--panic-threshold",
+            "0",
+        ])
+        .unwrap();
+        let Command::Service(ServiceCmd::Set { name, health }) = cli.command else {
+            panic!("not service set")
+        };
+        assert_eq!(name, "amqp");
+        let spec = health.spec().unwrap();
+        assert_eq!(spec.interval_ms, Some(5000));
+        assert_eq!(spec.timeout_ms, Some(1500));
+        assert_eq!(
+            (spec.rise, spec.fall, spec.panic_threshold),
+            (Some(1), Some(2), Some(0))
+        );
+        assert!(matches!(spec.check, Some(CheckKind::Http(_))));
+        let cli = parse(&[
+            "service",
+            "add",
+            "a",
+            "--vip",
+            "10.0.0.1:5672",
+            "--proto",
+            "tcp",
+            "--check",
+            "amqp",
+            "--check-port",
+            "5673",
+        ])
+        .unwrap();
+        let Command::Service(ServiceCmd::Add { health, .. }) = cli.command else {
+            panic!()
+        };
+        assert_eq!(health.spec().unwrap().port, Some(5673));
+        let err = parse(&["service", "set", "a", "--check-interval", "soon"]).unwrap_err();
+        assert!(err.to_string().contains("2s or 500ms"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn bad_health_options_are_refused_before_any_request() {
+        let run_args = |args: &[&str]| {
+            let mut all = vec!["--socket", "/nonexistent/x.sock"];
+            all.extend_from_slice(args);
+            run(parse(&all).unwrap())
+        };
+        let add = [
+            "service",
+            "add",
+            "a",
+            "--vip",
+            "10.0.0.1:5672",
+            "--proto",
+            "tcp",
+        ];
+        let with = |extra: &[&'static str]| {
+            let mut v = add.to_vec();
+            v.extend_from_slice(extra);
+            v
+        };
+        let err = run_args(&with(&["--check", "ping"])).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown check \"ping\" (use none, tcp, amqp or http:URL)"
+        );
+        let err = run_args(&with(&["--check", "tcp", "--check-interval", "1s"]))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "check interval (1s) must be longer than the check timeout (1s)"
+        );
+        let err = run_args(&with(&["--check", "tcp", "--rise", "0"]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "rise 0 is out of range (1-100)");
+        let err = run_args(&["service", "set", "a"]).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "nothing to change: give a health check option"
+        );
+        let err = run_args(&["service", "set", "a", "--rise", "3"])
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with("mqlb daemon is not running"),
+            "{err}"
+        );
     }
 }

@@ -227,6 +227,7 @@ mod tests {
             hash: crate::state::Hash::Rtp,
             udp_idle_s: Some(300),
             ring_size: Some(13),
+            health: Default::default(),
         };
         let svc: crate::state::Service = c.post("/v1/services", &spec).await.unwrap();
         assert_eq!((svc.id, svc.udp_idle_s), (1, 300));

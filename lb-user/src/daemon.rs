@@ -1,9 +1,15 @@
-//! `mqlb up`: the daemon. [`Core`] holds the state, the maps and the next
-//! hops behind one mutex, so API calls are serialised; every change is
-//! validated in full, persisted, then written to the maps. [`run`] loads and
-//! attaches the program, restores the saved state, keeps next hops resolved
-//! and serves the API until SIGTERM/SIGINT or `mqlb down`. On exit the
-//! program stays attached and the pins stay: a restart drops no packet.
+//! `mqlb up`: the daemon. [`Core`] holds the state, the maps, the next
+//! hops and the health of every checked backend behind one mutex, so API
+//! calls and check results are serialised; every change is validated in
+//! full, persisted, then written to the maps. [`run`] loads and attaches the
+//! program, restores the saved state, keeps next hops resolved, runs the
+//! health checks ([`crate::health::run`]) and serves the API until
+//! SIGTERM/SIGINT or `mqlb down`. On exit the program stays attached and the
+//! pins stay: a restart drops no packet.
+//!
+//! A health transition (see [`crate::health`]) is logged with its reason,
+//! counted, and rebuilds the tables at once; so does entering or leaving
+//! panic mode.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -25,15 +31,16 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    api::{BackendStats, ServiceStats, StatsView, StatusView},
+    api::{BackendStats, BackendView, ServiceStats, ServiceView, StatsView, StatusView},
     dataplane::{apply, read_applied, Dataplane, DataplaneError, KernelDataplane},
+    health::{self, BackendHealth, CheckTarget, HealthView, ProbeResult, Status},
     host,
     loader::{self, Attached, LoadError, Mode},
     nexthop::{self, Resolver},
-    plan::{plan, Applied, Hop},
+    plan::{self, addr16, plan, Applied, Hop},
     state::{
-        Backend, BackendSpec, BackendUpdate, Service, ServiceSpec, State, StateError, StateStore,
-        StoreError,
+        Backend, BackendSpec, BackendState, BackendUpdate, Service, ServiceSpec, ServiceUpdate,
+        State, StateError, StateStore, StoreError,
     },
 };
 
@@ -81,6 +88,12 @@ pub struct Core {
     /// The last apply failed: re-read the maps before planning again.
     resync: bool,
     status: StatusView,
+    /// Health of every backend of a checked service, by backend id.
+    health: BTreeMap<u32, BackendHealth>,
+    /// Ids of the services in panic mode.
+    panic: BTreeSet<u32>,
+    /// Counts saved state changes (the health checks follow it).
+    changes: watch::Sender<u64>,
 }
 
 impl Core {
@@ -109,7 +122,27 @@ impl Core {
             }
         }
         let applied = read_applied(&*dp, &state)?;
-        Ok(Core {
+        // Health is not saved, but a backend the previous daemon wrote DOWN
+        // stays down until it passes `rise` checks.
+        let mut health = BTreeMap::new();
+        for svc in state.services.iter().filter(|s| s.health.enabled()) {
+            for b in &svc.backends {
+                let was_down = applied.backends.get(&b.id).is_some_and(|e| {
+                    e.state == lb_common::backend_state::DOWN && e.addr == addr16(b.addr)
+                });
+                if was_down {
+                    info!(
+                        service = %svc.name, backend = %b.addr,
+                        "backend was down before the restart; it returns after {} passed checks",
+                        svc.health.rise
+                    );
+                    let mut h = BackendHealth::new(b.addr, Status::Down);
+                    h.last_reason = Some("down before the daemon restarted".into());
+                    health.insert(b.id, h);
+                }
+            }
+        }
+        let mut core = Core {
             state,
             store,
             dp,
@@ -120,7 +153,12 @@ impl Core {
             src_known: false,
             resync: false,
             status,
-        })
+            health,
+            panic: BTreeSet::new(),
+            changes: watch::channel(0).0,
+        };
+        core.refresh_health();
+        Ok(core)
     }
 
     pub fn state(&self) -> &State {
@@ -149,7 +187,13 @@ impl Core {
             self.applied = read_applied(&*self.dp, &self.state)?;
             self.resync = false;
         }
-        let p = plan(&self.state, &self.hops, self.default_src, &self.applied);
+        let p = plan(
+            &self.state,
+            &self.plan_health(),
+            &self.hops,
+            self.default_src,
+            &self.applied,
+        );
         if p.is_empty() {
             return Ok(());
         }
@@ -177,9 +221,213 @@ impl Core {
         if next != self.state {
             self.store.save(&next).map_err(CoreError::Store)?;
             self.state = next;
+            self.refresh_health();
+            self.changes.send_modify(|n| *n += 1);
         }
         self.sync().map_err(CoreError::Dataplane)?;
         Ok(out)
+    }
+
+    /// Follows saved state changes (the health checks restart their probes).
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The health checks' verdicts as the plan takes them.
+    fn plan_health(&self) -> plan::Health {
+        let mut h = plan::Health {
+            panic: self.panic.clone(),
+            ..Default::default()
+        };
+        for (&id, bh) in &self.health {
+            match bh.state.status {
+                Status::Up => {}
+                Status::Down => {
+                    h.down.insert(id);
+                }
+                Status::Draining => {
+                    h.draining.insert(id);
+                }
+            }
+        }
+        h
+    }
+
+    /// Keeps a health entry for every backend of a checked service (new ones
+    /// start up), drops the others, and re-evaluates panic mode.
+    fn refresh_health(&mut self) {
+        let mut old = std::mem::take(&mut self.health);
+        for svc in self.state.services.iter().filter(|s| s.health.enabled()) {
+            for b in &svc.backends {
+                let h = old
+                    .remove(&b.id)
+                    .filter(|h| h.addr == b.addr)
+                    .unwrap_or_else(|| BackendHealth::new(b.addr, Status::Up));
+                self.health.insert(b.id, h);
+            }
+        }
+        self.refresh_panic();
+    }
+
+    fn status_of(&self, backend: u32) -> Status {
+        self.health
+            .get(&backend)
+            .map_or(Status::Up, |h| h.state.status)
+    }
+
+    /// Enters or leaves panic mode per service, and says so in the log.
+    fn refresh_panic(&mut self) {
+        let mut panic = BTreeSet::new();
+        for svc in &self.state.services {
+            let pct = svc.health.panic_threshold;
+            let (candidates, up) = if svc.health.enabled() {
+                let candidates: Vec<u32> = svc
+                    .backends
+                    .iter()
+                    .filter(|b| b.state == BackendState::Active)
+                    .map(|b| b.id)
+                    .filter(|&id| self.status_of(id) != Status::Draining)
+                    .collect();
+                let up = candidates
+                    .iter()
+                    .filter(|&&id| self.status_of(id) == Status::Up)
+                    .count();
+                (candidates.len(), up)
+            } else {
+                (0, 0)
+            };
+            let now = health::in_panic(candidates, up, pct);
+            let was = self.panic.contains(&svc.id);
+            if now {
+                panic.insert(svc.id);
+            }
+            if now && !was {
+                warn!(
+                    service = %svc.name, up, backends = candidates, threshold_pct = pct,
+                    "panic mode: only {up} of {candidates} backends pass their check (below \
+                     {pct}%); routing over all of them"
+                );
+            } else if was && !now {
+                info!(
+                    service = %svc.name, up, backends = candidates, threshold_pct = pct,
+                    "panic mode over: {up} of {candidates} backends pass their check; down \
+                     backends leave the table"
+                );
+            }
+        }
+        self.panic = panic;
+    }
+
+    /// The checks the daemon should be running.
+    pub fn check_targets(&self) -> Vec<CheckTarget> {
+        self.state
+            .services
+            .iter()
+            .flat_map(health::targets)
+            .collect()
+    }
+
+    /// Takes a probe result. A transition is logged with its reason, counted,
+    /// and written to the maps at once. Results of a check that no longer
+    /// matches the state (changed or deleted meanwhile) are ignored.
+    pub fn report(&mut self, target: &CheckTarget, result: ProbeResult, latency: Duration) {
+        let Some(svc) = self.state.services.iter().find(|s| s.id == target.service) else {
+            return;
+        };
+        let Some(b) = svc.backends.iter().find(|b| b.id == target.backend) else {
+            return;
+        };
+        if health::target(svc, b).as_ref() != Some(target) {
+            return;
+        }
+        let (service, addr) = (svc.name.clone(), b.addr);
+        let h = self
+            .health
+            .entry(b.id)
+            .or_insert_with(|| BackendHealth::new(addr, Status::Up));
+        let Some(t) = h.record(result, latency, target.rise, target.fall) else {
+            return;
+        };
+        let (downs, ups) = (h.to_down, h.to_up);
+        match t.to {
+            Status::Down => warn!(
+                service, backend = %addr, from = %t.from, to = %t.to, reason = %t.reason,
+                downs, ups, "backend down: out of the table, its flows are re-hashed"
+            ),
+            Status::Up => info!(
+                service, backend = %addr, from = %t.from, to = %t.to, reason = %t.reason,
+                downs, ups, "backend up: back in the table"
+            ),
+            Status::Draining => info!(
+                service, backend = %addr, from = %t.from, to = %t.to, reason = %t.reason,
+                downs, ups, "backend draining by its check: no new flows, established flows stay"
+            ),
+        }
+        self.refresh_panic();
+        if let Err(e) = self.sync() {
+            warn!(error = %error_chain(&e), "writing the maps after a health change failed; retrying");
+        }
+    }
+
+    /// A backend's health (`None` when its service is not checked).
+    pub fn health_of(&self, backend: u32) -> Option<HealthView> {
+        self.health.get(&backend).map(BackendHealth::view)
+    }
+
+    /// Whether a service is in panic mode.
+    pub fn in_panic(&self, service: u32) -> bool {
+        self.panic.contains(&service)
+    }
+
+    /// A service as the API shows it (password redacted).
+    pub fn service_view(&self, svc: &Service) -> ServiceView {
+        let h = self.plan_health();
+        ServiceView {
+            service: svc.redacted(),
+            panic: self.in_panic(svc.id),
+            in_table: svc
+                .backends
+                .iter()
+                .filter(|b| plan::effective(svc, b, &h).1)
+                .count(),
+        }
+    }
+
+    pub fn service_views(&self) -> Vec<ServiceView> {
+        self.state
+            .services
+            .iter()
+            .map(|s| self.service_view(s))
+            .collect()
+    }
+
+    /// The backends of a service with their health.
+    pub fn backend_views(&self, name: &str) -> Result<Vec<BackendView>, CoreError> {
+        let svc = self.state.service(name)?;
+        let h = self.plan_health();
+        Ok(svc
+            .backends
+            .iter()
+            .map(|b| BackendView {
+                backend: b.clone(),
+                in_table: plan::effective(svc, b, &h).1,
+                health: self.health_of(b.id),
+            })
+            .collect())
+    }
+
+    /// Changes a service's health check settings.
+    pub fn set_service(
+        &mut self,
+        name: &str,
+        update: &ServiceUpdate,
+    ) -> Result<Service, CoreError> {
+        let svc = self.change(|s| s.set_service(name, update))?;
+        info!(
+            service = %svc.name, check = %svc.health.summary(svc.vip.port()),
+            "service changed"
+        );
+        Ok(svc)
     }
 
     /// Sets the hash seed (from `mqlb up --seed`).
@@ -199,7 +447,7 @@ impl Core {
         let svc = self.change(|s| s.add_service(spec).cloned())?;
         info!(
             service = %svc.name, id = svc.id, vip = %svc.vip, proto = %svc.proto,
-            hash = %svc.hash, "service added"
+            hash = %svc.hash, check = %svc.health.summary(svc.vip.port()), "service added"
         );
         Ok(svc)
     }
@@ -314,6 +562,7 @@ impl Core {
                 )
             })
             .collect();
+        let h = self.plan_health();
         let services = self
             .state
             .services
@@ -325,6 +574,7 @@ impl Core {
                     id: s.id,
                     vip: s.vip,
                     proto: s.proto,
+                    panic: self.in_panic(s.id),
                     packets: t.packets,
                     bytes: t.bytes,
                     new_flows: t.new_flows,
@@ -338,6 +588,8 @@ impl Core {
                                 id: b.id,
                                 state: b.state,
                                 weight: b.weight,
+                                in_table: plan::effective(s, b, &h).1,
+                                health: self.health_of(b.id),
                                 packets: t.packets,
                                 bytes: t.bytes,
                                 new_flows: t.new_flows,
@@ -694,6 +946,8 @@ pub async fn run(opts: UpOptions) -> Result<(), DaemonError> {
         opts.iface.clone(),
     ));
 
+    let health_task = tokio::spawn(health::run(shared.clone()));
+
     info!(socket = %opts.socket.display(), "serving the API");
     let mut stop = shared.shutdown.subscribe();
     let signals = {
@@ -714,6 +968,7 @@ pub async fn run(opts: UpOptions) -> Result<(), DaemonError> {
         .with_graceful_shutdown(signals)
         .await;
     resolver_task.abort();
+    health_task.abort();
     served.map_err(io_err("serve on", &opts.socket))?;
     info!(
         iface = %opts.iface,
@@ -746,6 +1001,7 @@ mod tests {
             hash: Default::default(),
             udp_idle_s: None,
             ring_size: Some(13),
+            health: Default::default(),
         }
     }
 
@@ -805,7 +1061,13 @@ mod tests {
         // The map recovers; the next sync completes the job.
         core.dp = Box::new(MemDataplane::default());
         core.sync().unwrap();
-        let p = plan(&core.state, &core.hops, core.default_src, &core.applied);
+        let p = plan(
+            &core.state,
+            &core.plan_health(),
+            &core.hops,
+            core.default_src,
+            &core.applied,
+        );
         assert!(p.is_empty());
         assert_eq!(core.applied.services.values().next().unwrap().ring_size, 13);
     }
@@ -859,6 +1121,333 @@ mod tests {
         assert_eq!(entry.flags, 0);
         assert_eq!(entry.outer_src, lb_common::v4_mapped([10, 0, 0, 9]));
         assert_eq!(core.status().unresolved, ["10.0.1.1"]);
+    }
+
+    type SharedMem = Arc<std::sync::Mutex<MemDataplane>>;
+
+    /// A core whose maps the test can look into.
+    fn core_with_maps(dir: &Path) -> (Core, SharedMem) {
+        let mem: SharedMem = Default::default();
+        let core = Core::new(
+            State::default(),
+            StateStore::new(dir),
+            Box::new(mem.clone()),
+            StatusView::default(),
+        )
+        .unwrap();
+        (core, mem)
+    }
+
+    /// `amqp` checked with `check`, with backends 10.0.1.1..=n.
+    fn checked(core: &mut Core, n: u8) -> Vec<u32> {
+        let mut spec = amqp();
+        spec.health.check = Some(health::CheckKind::Amqp);
+        core.add_service(&spec).unwrap();
+        (1..=n)
+            .map(|i| {
+                core.add_backend(
+                    "amqp",
+                    &BackendSpec {
+                        addr: format!("10.0.1.{i}"),
+                        weight: None,
+                    },
+                )
+                .unwrap()
+                .id
+            })
+            .collect()
+    }
+
+    /// The backend ids in the service's live table, as the program sees it.
+    fn live_table(mem: &SharedMem, core: &Core) -> BTreeSet<u32> {
+        let mem = mem.lock().unwrap();
+        let key = crate::plan::service_key(&core.state().services[0]);
+        let v = mem.services[&key];
+        (v.ring_base..v.ring_base + v.ring_size)
+            .map(|i| mem.rings[&i])
+            .collect()
+    }
+
+    fn map_state(mem: &SharedMem, id: u32) -> u8 {
+        mem.lock().unwrap().backends[&id].state
+    }
+
+    fn target(core: &Core, id: u32) -> CheckTarget {
+        core.check_targets()
+            .into_iter()
+            .find(|t| t.backend == id)
+            .unwrap()
+    }
+
+    fn fail() -> ProbeResult {
+        ProbeResult::Fail("connect: connection refused".into())
+    }
+
+    fn pass() -> ProbeResult {
+        ProbeResult::Pass("AMQP Connection.Start (0-9)".into())
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_down_transition_rebuilds_the_table_and_writes_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut core, mem) = core_with_maps(dir.path());
+        let ids = checked(&mut core, 3);
+        let (a, b, c) = (ids[0], ids[1], ids[2]);
+        assert_eq!(live_table(&mem, &core), [a, b, c].into());
+        assert!(!core.health_of(b).unwrap().checked, "starts up, unchecked");
+        let t = target(&core, b);
+        assert_eq!(
+            t.probe,
+            health::Probe::Amqp("10.0.1.2:5672".parse().unwrap())
+        );
+
+        let writes = mem.lock().unwrap().writes;
+        core.report(&t, fail(), MS);
+        core.report(&t, fail(), MS);
+        assert_eq!(
+            mem.lock().unwrap().writes,
+            writes,
+            "no transition, no write"
+        );
+        assert_eq!(live_table(&mem, &core), [a, b, c].into());
+        core.report(&t, fail(), MS);
+        assert_eq!(
+            live_table(&mem, &core),
+            [a, c].into(),
+            "out of the table at once"
+        );
+        assert_eq!(map_state(&mem, b), lb_common::backend_state::DOWN);
+        assert_eq!(map_state(&mem, a), lb_common::backend_state::ACTIVE);
+        let h = core.health_of(b).unwrap();
+        assert_eq!(h.status, Status::Down);
+        assert_eq!(h.transitions.down, 1);
+        assert_eq!(
+            h.last_transition.as_deref(),
+            Some("3 checks in a row did not pass, last: connect: connection refused")
+        );
+        let views = core.backend_views("amqp").unwrap();
+        assert!(!views[1].in_table && views[0].in_table);
+        assert_eq!(core.service_views()[0].in_table, 2);
+        assert!(!core.service_views()[0].panic, "2 of 3 up");
+
+        core.report(&t, pass(), MS);
+        assert_eq!(
+            map_state(&mem, b),
+            lb_common::backend_state::DOWN,
+            "rise is 2"
+        );
+        core.report(&t, pass(), MS);
+        assert_eq!(live_table(&mem, &core), [a, b, c].into());
+        assert_eq!(map_state(&mem, b), lb_common::backend_state::ACTIVE);
+        let h = core.health_of(b).unwrap();
+        assert_eq!((h.transitions.down, h.transitions.up), (1, 1));
+        let stats = core.stats().unwrap();
+        assert_eq!(
+            stats.services[0].backends[1]
+                .health
+                .as_ref()
+                .unwrap()
+                .transitions
+                .up,
+            1
+        );
+    }
+
+    #[test]
+    fn a_503_drains_without_touching_established_flows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut core, mem) = core_with_maps(dir.path());
+        let ids = checked(&mut core, 2);
+        let t = target(&core, ids[0]);
+        for _ in 0..3 {
+            core.report(&t, ProbeResult::Drain("http 503".into()), MS);
+        }
+        assert_eq!(live_table(&mem, &core), [ids[1]].into());
+        assert_eq!(map_state(&mem, ids[0]), lb_common::backend_state::DRAINING);
+        assert_eq!(core.health_of(ids[0]).unwrap().transitions.draining, 1);
+    }
+
+    #[test]
+    fn panic_mode_routes_over_all_backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut core, mem) = core_with_maps(dir.path());
+        let ids = checked(&mut core, 4);
+        let down = |core: &mut Core, id: u32| {
+            let t = target(core, id);
+            for _ in 0..3 {
+                core.report(&t, fail(), MS);
+            }
+        };
+        down(&mut core, ids[0]);
+        down(&mut core, ids[1]);
+        assert_eq!(
+            live_table(&mem, &core),
+            [ids[2], ids[3]].into(),
+            "2 of 4: not below 50%"
+        );
+        assert!(!core.in_panic(1));
+        down(&mut core, ids[2]);
+        assert!(core.in_panic(1), "1 of 4 is below 50%");
+        assert_eq!(live_table(&mem, &core), ids.iter().copied().collect());
+        for &id in &ids {
+            assert_eq!(map_state(&mem, id), lb_common::backend_state::ACTIVE);
+        }
+        assert!(core.service_views()[0].panic);
+        assert!(core.stats().unwrap().services[0].panic);
+        assert_eq!(
+            core.health_of(ids[0]).unwrap().status,
+            Status::Down,
+            "still down"
+        );
+
+        // One comes back: 2 of 4, panic over, the down ones leave.
+        let t = target(&core, ids[0]);
+        core.report(&t, pass(), MS);
+        core.report(&t, pass(), MS);
+        assert!(!core.in_panic(1));
+        assert_eq!(live_table(&mem, &core), [ids[0], ids[3]].into());
+        assert_eq!(map_state(&mem, ids[1]), lb_common::backend_state::DOWN);
+
+        // Threshold 0: no panic mode, even with one of four up.
+        core.set_service(
+            "amqp",
+            &ServiceUpdate {
+                health: health::HealthSpec {
+                    panic_threshold: Some(0),
+                    ..Default::default()
+                },
+            },
+        )
+        .unwrap();
+        down(&mut core, ids[0]);
+        assert!(!core.in_panic(1));
+        assert_eq!(live_table(&mem, &core), [ids[3]].into());
+    }
+
+    #[test]
+    fn a_restart_keeps_down_backends_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut core, mem) = core_with_maps(dir.path());
+        let ids = checked(&mut core, 3);
+        let t = target(&core, ids[1]);
+        for _ in 0..3 {
+            core.report(&t, fail(), MS);
+        }
+        drop(core);
+        // A new daemon: the saved state and the (pinned) maps.
+        let state = StateStore::new(dir.path()).load().unwrap().unwrap();
+        let mut core = Core::new(
+            state,
+            StateStore::new(dir.path()),
+            Box::new(mem.clone()),
+            StatusView::default(),
+        )
+        .unwrap();
+        core.sync().unwrap();
+        let h = core.health_of(ids[1]).unwrap();
+        assert_eq!((h.status, h.checked), (Status::Down, false));
+        assert_eq!(
+            h.last_transition.as_deref(),
+            Some("down before the daemon restarted")
+        );
+        assert_eq!(core.health_of(ids[0]).unwrap().status, Status::Up);
+        assert_eq!(live_table(&mem, &core), [ids[0], ids[2]].into());
+        assert_eq!(map_state(&mem, ids[1]), lb_common::backend_state::DOWN);
+        let t = target(&core, ids[1]);
+        core.report(&t, pass(), MS);
+        core.report(&t, pass(), MS);
+        assert_eq!(live_table(&mem, &core).len(), 3);
+    }
+
+    #[test]
+    fn results_of_an_outdated_check_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut core, _mem) = core_with_maps(dir.path());
+        let ids = checked(&mut core, 2);
+        let old = target(&core, ids[0]);
+        core.set_service(
+            "amqp",
+            &ServiceUpdate {
+                health: health::HealthSpec {
+                    port: Some(5673),
+                    ..Default::default()
+                },
+            },
+        )
+        .unwrap();
+        for _ in 0..3 {
+            core.report(&old, fail(), MS);
+        }
+        let h = core.health_of(ids[0]).unwrap();
+        assert_eq!((h.status, h.checked), (Status::Up, false));
+        assert_eq!(
+            target(&core, ids[0]).probe,
+            health::Probe::Amqp("10.0.1.1:5673".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn turning_the_check_off_brings_down_backends_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut core, mem) = core_with_maps(dir.path());
+        let ids = checked(&mut core, 2);
+        let changes = core.subscribe_changes();
+        let t = target(&core, ids[0]);
+        for _ in 0..3 {
+            core.report(&t, fail(), MS);
+        }
+        assert!(
+            !changes.has_changed().unwrap(),
+            "health is not a saved change"
+        );
+        assert_eq!(live_table(&mem, &core), [ids[1]].into());
+        let err = core
+            .set_service("amqp", &ServiceUpdate::default())
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "nothing to change: give a health check option"
+        );
+        let err = core
+            .set_service(
+                "amqp",
+                &ServiceUpdate {
+                    health: health::HealthSpec {
+                        interval_ms: Some(500),
+                        ..Default::default()
+                    },
+                },
+            )
+            .unwrap_err();
+        assert_eq!(err.status(), 400);
+        assert_eq!(
+            StateStore::new(dir.path())
+                .load()
+                .unwrap()
+                .unwrap()
+                .services[0]
+                .health
+                .interval_ms,
+            2000,
+            "a refused change is not saved"
+        );
+        core.set_service(
+            "amqp",
+            &ServiceUpdate {
+                health: health::HealthSpec {
+                    check: Some(health::CheckKind::None),
+                    ..Default::default()
+                },
+            },
+        )
+        .unwrap();
+        assert!(changes.has_changed().unwrap());
+        assert!(core.health_of(ids[0]).is_none());
+        assert!(core.check_targets().is_empty());
+        assert_eq!(live_table(&mem, &core), ids.iter().copied().collect());
+        assert_eq!(map_state(&mem, ids[0]), lb_common::backend_state::ACTIVE);
     }
 
     #[test]

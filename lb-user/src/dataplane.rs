@@ -389,6 +389,49 @@ impl Dataplane for MemDataplane {
     }
 }
 
+/// One [`MemDataplane`] shared between the daemon under test and the test
+/// that looks into its maps.
+impl Dataplane for std::sync::Arc<std::sync::Mutex<MemDataplane>> {
+    fn read_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, DataplaneError> {
+        self.lock().expect("not poisoned").read_services()
+    }
+    fn read_backends(&self) -> Result<Vec<(u32, MapBackend)>, DataplaneError> {
+        self.lock().expect("not poisoned").read_backends()
+    }
+    fn read_ring(&self, service: u32, half: u32, len: u32) -> Result<Vec<u32>, DataplaneError> {
+        self.lock()
+            .expect("not poisoned")
+            .read_ring(service, half, len)
+    }
+    fn put_backend(&mut self, id: u32, entry: &MapBackend) -> Result<(), DataplaneError> {
+        self.lock().expect("not poisoned").put_backend(id, entry)
+    }
+    fn put_ring(&mut self, index: u32, backend: u32) -> Result<(), DataplaneError> {
+        self.lock().expect("not poisoned").put_ring(index, backend)
+    }
+    fn put_service(
+        &mut self,
+        key: &ServiceKey,
+        value: &ServiceValue,
+    ) -> Result<(), DataplaneError> {
+        self.lock().expect("not poisoned").put_service(key, value)
+    }
+    fn del_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
+        self.lock().expect("not poisoned").del_service(key)
+    }
+    fn reset_service_stats(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.lock().expect("not poisoned").reset_service_stats(id)
+    }
+    fn reset_backend_stats(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.lock().expect("not poisoned").reset_backend_stats(id)
+    }
+    fn counters(&self, services: &[u32], backends: &[u32]) -> Result<Counters, DataplaneError> {
+        self.lock()
+            .expect("not poisoned")
+            .counters(services, backends)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,6 +450,7 @@ mod tests {
             hash: Default::default(),
             udp_idle_s: None,
             ring_size: Some(31),
+            health: Default::default(),
         })
         .unwrap();
         for addr in ["10.0.1.1", "10.0.1.2"] {
@@ -421,7 +465,7 @@ mod tests {
         }
         let mut dp = MemDataplane::default();
         let mut applied = read_applied(&dp, &s).unwrap();
-        let p = plan(&s, &Default::default(), None, &applied);
+        let p = plan(&s, &Default::default(), &Default::default(), None, &applied);
         apply(&mut dp, &p).unwrap();
         applied.record(&p);
         assert_eq!(read_applied(&dp, &s).unwrap(), applied);

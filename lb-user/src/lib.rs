@@ -8,6 +8,7 @@
 //! - [`loader`]: load, pin, attach or replace the XDP programs.
 //! - [`nexthop`], [`host`]: next hops from netlink; interface sysctls.
 //! - [`daemon`]: `mqlb up`; [`api`]: its HTTP/JSON API; [`client`]: the CLI's side.
+//! - [`health`]: health checks (settings, state machine, probes, their tasks).
 //! - [`cli`]: the command line.
 
 pub mod api;
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod client;
 pub mod daemon;
 pub mod dataplane;
+pub mod health;
 pub mod host;
 pub mod loader;
 pub mod nexthop;

@@ -11,9 +11,15 @@
 //! 4. `SERVICES` values: pointing a service at the freshly written half is one
 //!    map update, the atomic table swap;
 //! 5. `SERVICES` deletions.
+//!
+//! Health checks ([`Health`]) shape both: a backend whose check says down is
+//! out of its table and written `DOWN` (the program re-hashes its
+//! established flows), one that answers draining is out of the table and
+//! written `DRAINING`; in a service in panic mode, down backends are in the
+//! table and written `ACTIVE`.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
 };
 
@@ -23,7 +29,32 @@ use lb_common::{
     ring_base, v4_mapped, Backend as MapBackend, ServiceKey, ServiceValue, RING_MAX,
 };
 
-use crate::state::{Service, State};
+use crate::state::{Backend, BackendState, Service, State};
+
+/// What the health checks say, as the plan needs it (runtime, never saved).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Backend ids whose check says down.
+    pub down: BTreeSet<u32>,
+    /// Backend ids whose check says draining (http 503).
+    pub draining: BTreeSet<u32>,
+    /// Service ids in panic mode: their down backends stay in the table.
+    pub panic: BTreeSet<u32>,
+}
+
+/// A backend as the data plane should see it: its `BACKENDS` state and
+/// whether it is in the service's Maglev table.
+pub fn effective(svc: &Service, b: &Backend, health: &Health) -> (u8, bool) {
+    // In panic mode the checks' "down" is overruled: route over all of them.
+    let down = health.down.contains(&b.id) && !health.panic.contains(&svc.id);
+    if down {
+        return (backend_state::DOWN, false);
+    }
+    if b.state == BackendState::Draining || health.draining.contains(&b.id) {
+        return (backend_state::DRAINING, false);
+    }
+    (backend_state::ACTIVE, true)
+}
 
 /// A backend's next hop as the resolver found it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,10 +163,13 @@ pub const fn half_of(value: &ServiceValue) -> u32 {
     (value.ring_base / RING_MAX) & 1
 }
 
-/// The Maglev table of a service over its active backends (empty if none).
-pub fn table(svc: &Service) -> Vec<u32> {
+/// The Maglev table of a service over the backends that take new flows
+/// (empty if none).
+pub fn table(svc: &Service, health: &Health) -> Vec<u32> {
     let backends: Vec<MaglevBackend> = svc
-        .active()
+        .backends
+        .iter()
+        .filter(|b| effective(svc, b, health).1)
         .map(|b| MaglevBackend {
             addr: addr16(b.addr),
             id: b.id,
@@ -183,15 +217,17 @@ pub fn backend_entry(
 /// Everything `BACKENDS` should hold.
 pub fn desired_backends(
     state: &State,
+    health: &Health,
     hops: &BTreeMap<IpAddr, Hop>,
     default_src: Option<IpAddr>,
 ) -> BTreeMap<u32, MapBackend> {
     let mut out = BTreeMap::new();
     for svc in &state.services {
         for b in &svc.backends {
+            let (map_state, _) = effective(svc, b, health);
             out.insert(
                 b.id,
-                backend_entry(b.addr, b.state.map_value(), hops.get(&b.addr), default_src),
+                backend_entry(b.addr, map_state, hops.get(&b.addr), default_src),
             );
         }
     }
@@ -212,13 +248,14 @@ pub fn desired_backends(
 /// The writes that take the maps from `applied` to `state`.
 pub fn plan(
     state: &State,
+    health: &Health,
     hops: &BTreeMap<IpAddr, Hop>,
     default_src: Option<IpAddr>,
     applied: &Applied,
 ) -> Plan {
     let mut plan = Plan::default();
 
-    let want_backends = desired_backends(state, hops, default_src);
+    let want_backends = desired_backends(state, health, hops, default_src);
     for (&id, entry) in &want_backends {
         match applied.backends.get(&id) {
             Some(old) if old == entry => {}
@@ -246,7 +283,7 @@ pub fn plan(
         if live.is_none() && !live_ids.contains_key(&svc.id) {
             plan.reset_service_stats.push(svc.id);
         }
-        let table = table(svc);
+        let table = table(svc, health);
         let mut value = ServiceValue {
             id: svc.id,
             ring_base: ring_base(svc.id, 0),
@@ -361,6 +398,7 @@ mod tests {
             hash: Hash::FiveTuple,
             udp_idle_s: None,
             ring_size: Some(RING),
+            health: Default::default(),
         })
         .unwrap();
         s
@@ -388,7 +426,11 @@ mod tests {
 
     /// Plans and records, as the daemon does after a successful apply.
     fn step(s: &State, applied: &mut Applied) -> Plan {
-        let p = plan(s, &no_hops(), src(), applied);
+        step_with(s, &Health::default(), applied)
+    }
+
+    fn step_with(s: &State, h: &Health, applied: &mut Applied) -> Plan {
+        let p = plan(s, h, &no_hops(), src(), applied);
         applied.record(&p);
         p
     }
@@ -454,13 +496,13 @@ mod tests {
             "then swaps to it"
         );
         let ring = live_ring(&s, &applied);
-        assert_eq!(ring, table(&s.services[0]));
+        assert_eq!(ring, table(&s.services[0], &Health::default()));
         assert!(ring.contains(&id1) && ring.contains(&id2));
 
         // Half 0 holds the one-backend table; the next change diffs against it.
         let id3 = add(&mut s, "10.0.1.3");
         let p = step(&s, &mut applied);
-        let want = table(&s.services[0]);
+        let want = table(&s.services[0], &Health::default());
         let expected: Vec<u32> = want
             .iter()
             .enumerate()
@@ -478,7 +520,13 @@ mod tests {
     fn ring_writes_precede_the_swap_in_plan_order() {
         let mut s = state();
         add(&mut s, "10.0.1.1");
-        let p = plan(&s, &no_hops(), src(), &Applied::default());
+        let p = plan(
+            &s,
+            &Health::default(),
+            &no_hops(),
+            src(),
+            &Applied::default(),
+        );
         // The struct fields are applied in declaration order; a swap only
         // points at a half whose slots are all in ring_writes or already held.
         let (_, v) = p.services[0];
@@ -532,6 +580,82 @@ mod tests {
         let p = step(&s, &mut applied);
         assert_eq!(p.services[0].1.ring_size, 0);
         assert!(p.ring_writes.is_empty());
+    }
+
+    #[test]
+    fn a_down_backend_leaves_the_table_and_is_written_down() {
+        let mut s = state();
+        let mut applied = Applied::default();
+        let a = add(&mut s, "10.0.1.1");
+        let b = add(&mut s, "10.0.1.2");
+        let c = add(&mut s, "10.0.1.3");
+        step(&s, &mut applied);
+        let mut h = Health::default();
+        h.down.insert(b);
+        let p = step_with(&s, &h, &mut applied);
+        assert_eq!(p.backends.len(), 1, "only the down backend's entry changes");
+        assert_eq!(
+            (p.backends[0].0, p.backends[0].1.state),
+            (b, backend_state::DOWN)
+        );
+        assert!(
+            p.reset_backend_stats.is_empty(),
+            "same backend, same counters"
+        );
+        let ring = live_ring(&s, &applied);
+        assert!(!ring.contains(&b));
+        assert!(ring.contains(&a) && ring.contains(&c));
+
+        // Back up: back in the table, ACTIVE again.
+        let p = step(&s, &mut applied);
+        assert_eq!(p.backends[0].1.state, backend_state::ACTIVE);
+        assert!(live_ring(&s, &applied).contains(&b));
+
+        // Draining by its check (http 503): out of the table, flows stay.
+        let mut h = Health::default();
+        h.draining.insert(c);
+        let p = step_with(&s, &h, &mut applied);
+        assert_eq!(
+            (p.backends[0].0, p.backends[0].1.state),
+            (c, backend_state::DRAINING)
+        );
+        assert!(!live_ring(&s, &applied).contains(&c));
+
+        // Drained by the operator and down: down wins (its flows fail fast).
+        s.set_backend(
+            "amqp",
+            "10.0.1.1",
+            &BackendUpdate {
+                weight: None,
+                state: Some(BackendState::Draining),
+            },
+        )
+        .unwrap();
+        let mut h = Health::default();
+        h.down.insert(a);
+        step_with(&s, &h, &mut applied);
+        assert_eq!(applied.backends[&a].state, backend_state::DOWN);
+    }
+
+    #[test]
+    fn panic_mode_puts_down_backends_back() {
+        let mut s = state();
+        let mut applied = Applied::default();
+        let a = add(&mut s, "10.0.1.1");
+        let b = add(&mut s, "10.0.1.2");
+        let c = add(&mut s, "10.0.1.3");
+        let mut h = Health::default();
+        h.down.extend([a, b]);
+        h.draining.insert(c);
+        step_with(&s, &h, &mut applied);
+        assert_eq!(applied.services[&service_key(&s.services[0])].ring_size, 0);
+        h.panic.insert(s.services[0].id);
+        step_with(&s, &h, &mut applied);
+        let ring = live_ring(&s, &applied);
+        assert!(ring.contains(&a) && ring.contains(&b));
+        assert!(!ring.contains(&c), "draining stays out even in panic");
+        assert_eq!(applied.backends[&a].state, backend_state::ACTIVE);
+        assert_eq!(applied.backends[&c].state, backend_state::DRAINING);
     }
 
     #[test]
@@ -613,7 +737,7 @@ mod tests {
                 via: "10.0.1.2".parse().unwrap(),
             },
         );
-        let want = desired_backends(&s, &hops, src());
+        let want = desired_backends(&s, &Health::default(), &hops, src());
         assert_eq!(want[&a].flags, backend_flags::NEXTHOP);
         assert_eq!(want[&a].dst_mac, [2, 0, 0, 0, 0, 2]);
         assert_eq!(want[&a].ifindex, 4);
@@ -624,9 +748,9 @@ mod tests {
 
         // A neighbour appearing is one backend write, nothing else.
         let mut applied = Applied::default();
-        applied.record(&plan(&s, &hops, src(), &applied));
+        applied.record(&plan(&s, &Health::default(), &hops, src(), &applied));
         hops.get_mut(&"10.0.1.2".parse().unwrap()).unwrap().dst_mac = Some([2, 0, 0, 0, 0, 3]);
-        let p = plan(&s, &hops, src(), &applied);
+        let p = plan(&s, &Health::default(), &hops, src(), &applied);
         assert_eq!(p.backends.len(), 1);
         assert_eq!(p.backends[0].0, b);
         assert!(p.ring_writes.is_empty() && p.services.is_empty());
@@ -637,7 +761,7 @@ mod tests {
     fn unresolved_backend_still_has_an_outer_source() {
         let mut s = state();
         let a = add(&mut s, "10.0.1.1");
-        let want = desired_backends(&s, &no_hops(), src());
+        let want = desired_backends(&s, &Health::default(), &no_hops(), src());
         assert_eq!(want[&a].outer_src, v4_mapped([10, 0, 0, 1]));
         assert_eq!(want[&a].flags, 0);
     }
@@ -668,13 +792,13 @@ mod tests {
         step(&s, &mut applied);
         // A restarted daemon reads the maps back into a fresh `Applied`.
         let reread = applied.clone();
-        assert!(plan(&s, &no_hops(), src(), &reread).is_empty());
+        assert!(plan(&s, &Health::default(), &no_hops(), src(), &reread).is_empty());
         // Without the ring contents (unknown), the rings are rewritten whole
         // into the inactive half, never into the live one.
         let mut blind = applied.clone();
         blind.rings.clear();
         let v = applied.services[&service_key(&s.services[0])];
-        let p = plan(&s, &no_hops(), src(), &blind);
+        let p = plan(&s, &Health::default(), &no_hops(), src(), &blind);
         assert!(p.ring_writes.iter().all(|w| w.half != half_of(&v)));
         assert_eq!(p.ring_writes.len(), RING as usize);
     }
@@ -700,7 +824,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let p = plan(&s, &no_hops(), src(), &applied);
+        let p = plan(&s, &Health::default(), &no_hops(), src(), &applied);
         assert!(p.backends.contains(&(9, MapBackend::default())));
         assert_eq!(p.service_deletes, [stray]);
         assert_eq!(p.reset_service_stats, [1, 5]);
@@ -721,7 +845,7 @@ mod tests {
             },
         )
         .unwrap();
-        let counts = maglev::slot_counts(&table(&s.services[0]));
+        let counts = maglev::slot_counts(&table(&s.services[0], &Health::default()));
         let ratio = counts[&b] as f64 / counts[&a] as f64;
         assert!((2.8..3.2).contains(&ratio), "ratio {ratio}");
     }

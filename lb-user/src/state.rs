@@ -22,12 +22,15 @@ use std::{
     fs::{self, File},
     io::Write as _,
     net::{IpAddr, SocketAddr},
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     str::FromStr,
 };
 
 use lb_common::{maglev::is_prime, HashMode, MAX_BACKENDS, MAX_SERVICES, RING_DEFAULT, RING_MAX};
 use serde::{Deserialize, Serialize};
+
+use crate::health::{HealthConfig, HealthSpec};
 
 /// Version of the state file format.
 pub const STATE_FORMAT: u32 = 1;
@@ -91,6 +94,11 @@ pub enum StateError {
     TooManyBackends,
     #[error("nothing to change: give a weight or a new state")]
     EmptyUpdate,
+    #[error("nothing to change: give a health check option")]
+    EmptyServiceUpdate,
+    /// A health check setting (see [`crate::health::HealthConfig::apply`]).
+    #[error("{reason}")]
+    BadCheck { reason: String },
 }
 
 impl StateError {
@@ -255,9 +263,20 @@ pub struct Service {
     pub udp_idle_s: u32,
     pub ring_size: u32,
     pub backends: Vec<Backend>,
+    /// Health check settings (absent in older state files: no check).
+    #[serde(default)]
+    pub health: HealthConfig,
 }
 
 impl Service {
+    /// This service as the API shows it: the check password replaced by `***`.
+    pub fn redacted(&self) -> Service {
+        Service {
+            health: self.health.redacted(),
+            ..self.clone()
+        }
+    }
+
     pub fn backend(&self, addr: IpAddr) -> Option<&Backend> {
         self.backends.iter().find(|b| b.addr == addr)
     }
@@ -319,6 +338,18 @@ pub struct ServiceSpec {
     /// Defaults to `RING_DEFAULT`.
     #[serde(default)]
     pub ring_size: Option<u64>,
+    /// Health check options; each defaults as in [`HealthConfig::default`].
+    #[serde(default)]
+    pub health: HealthSpec,
+}
+
+/// `service set` as the API receives it (`PATCH /v1/services/{name}`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceUpdate {
+    /// The health check options to change; the others keep their values.
+    #[serde(default)]
+    pub health: HealthSpec,
 }
 
 /// `backend add` as the API receives it.
@@ -482,6 +513,7 @@ impl State {
         }
         let udp_idle_s = check_udp_idle(spec.udp_idle_s.unwrap_or(DEFAULT_UDP_IDLE_S as u64))?;
         let ring_size = check_ring_size(spec.ring_size.unwrap_or(RING_DEFAULT as u64))?;
+        let health = HealthConfig::default().apply(&spec.health)?;
         if self.services.iter().any(|s| s.name == spec.name) {
             return Err(StateError::DuplicateName {
                 name: spec.name.clone(),
@@ -511,8 +543,23 @@ impl State {
             udp_idle_s,
             ring_size,
             backends: Vec::new(),
+            health,
         });
         Ok(self.services.last().expect("just pushed"))
+    }
+
+    /// Changes a service's health check settings. Validates the result whole.
+    pub fn set_service(
+        &mut self,
+        name: &str,
+        update: &ServiceUpdate,
+    ) -> Result<Service, StateError> {
+        if update.health.is_empty() {
+            return Err(StateError::EmptyServiceUpdate);
+        }
+        let svc = self.service_mut(name)?;
+        svc.health = svc.health.apply(&update.health)?;
+        Ok(svc.clone())
     }
 
     /// Deletes a service; its backends become removed (their flows finish).
@@ -680,6 +727,9 @@ impl State {
             }
             check_ring_size(s.ring_size as u64).map_err(|e| e.to_string())?;
             check_udp_idle(s.udp_idle_s as u64).map_err(|e| e.to_string())?;
+            s.health
+                .validate()
+                .map_err(|e| format!("service {}: {e}", s.name))?;
             let mut addrs = BTreeSet::new();
             for b in &s.backends {
                 check_weight(b.weight as u64).map_err(|e| e.to_string())?;
@@ -772,7 +822,14 @@ impl StateStore {
         let mut text = serde_json::to_vec_pretty(state).expect("state serializes");
         text.push(b'\n');
         {
-            let mut f = File::create(&tmp).map_err(Self::io("create", &tmp))?;
+            // 0600: the state holds health check credentials.
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(Self::io("create", &tmp))?;
             f.write_all(&text).map_err(Self::io("write", &tmp))?;
             f.sync_all().map_err(Self::io("fsync", &tmp))?;
         }
@@ -796,6 +853,7 @@ mod tests {
             hash: Hash::FiveTuple,
             udp_idle_s: None,
             ring_size: None,
+            health: Default::default(),
         }
     }
 
@@ -1147,6 +1205,84 @@ mod tests {
             store.path().display()
         )));
         assert!(err.ends_with("fix or move it away"), "{err}");
+    }
+
+    #[test]
+    fn health_settings_are_validated_whole_and_saved() {
+        use crate::health::{CheckKind, HealthSpec};
+        let mut s = with_amqp();
+        assert_eq!(s.service("amqp").unwrap().health, HealthConfig::default());
+        let before = s.clone();
+        let upd = |h: HealthSpec| ServiceUpdate { health: h };
+        let err = s
+            .set_service(
+                "amqp",
+                &upd(HealthSpec {
+                    check: Some(CheckKind::Tcp),
+                    rise: Some(0),
+                    ..Default::default()
+                }),
+            )
+            .unwrap_err();
+        assert_eq!(err.to_string(), "rise 0 is out of range (1-100)");
+        assert_eq!(err.status(), 400);
+        assert_eq!(s, before, "nothing half-applied");
+        assert_eq!(
+            s.set_service("amqp", &ServiceUpdate::default())
+                .unwrap_err(),
+            StateError::EmptyServiceUpdate
+        );
+        assert_eq!(
+            s.set_service(
+                "nope",
+                &upd(HealthSpec {
+                    rise: Some(1),
+                    ..Default::default()
+                })
+            )
+            .unwrap_err()
+            .to_string(),
+            "unknown service nope"
+        );
+        let svc = s
+            .set_service(
+                "amqp",
+                &upd(HealthSpec {
+                    check: Some(CheckKind::Amqp),
+                    fall: Some(5),
+                    ..Default::default()
+                }),
+            )
+            .unwrap();
+        assert_eq!(
+            (svc.health.check, svc.health.fall, svc.health.rise),
+            (CheckKind::Amqp, 5, 2)
+        );
+        let mut bad = spec("b", "10.0.0.11:1", Proto::Tcp);
+        bad.health.check = Some(CheckKind::Tcp);
+        bad.health.timeout_ms = Some(3000);
+        assert!(s
+            .add_service(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("longer than"));
+        // A broken setting in the file is refused at load.
+        let mut broken = s.clone();
+        broken.services[0].health.fall = 0;
+        assert!(broken
+            .check()
+            .unwrap_err()
+            .starts_with("service amqp: fall 0"));
+    }
+
+    #[test]
+    fn state_files_without_health_settings_load() {
+        let text = r#"{"format":1,"seed":0,"removed":[],"services":[{"id":1,"name":"a",
+            "vip":"10.0.0.10:5672","proto":"tcp","hash":"five-tuple","udp_idle_s":60,
+            "ring_size":13,"backends":[]}]}"#;
+        let s: State = serde_json::from_str(text).unwrap();
+        s.check().unwrap();
+        assert_eq!(s.services[0].health, HealthConfig::default());
     }
 
     #[test]

@@ -200,12 +200,31 @@ fn set_up_lb(lb: &mut Ebpf) {
     }
 }
 
-/// One measured path: a program, a frame, and the verdict it must give.
+/// One measured path: a program, its frames (used in turn, one per call),
+/// and the verdict it must give.
 struct Path<'a> {
     name: String,
     prog: &'a Xdp,
-    input: Vec<u8>,
+    inputs: Vec<Vec<u8>>,
     action: u32,
+}
+
+impl Path<'_> {
+    fn input(&self, call: usize) -> &[u8] {
+        &self.inputs[call % self.inputs.len()]
+    }
+}
+
+/// SYNs of `n` distinct flows (sources 10.128.0.0/10), so that every call
+/// inserts a conntrack entry for a 5-tuple it has not seen.
+fn new_flow_syns(n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let src = [10, 128 | (i >> 16) as u8 & 0x3f, (i >> 8) as u8, i as u8];
+            let ip = Ip4::new(src, VIP, PROTO_TCP);
+            frame(&ip, &tcp(&ip, 40000, 5672, SYN, b""))
+        })
+        .collect()
 }
 
 fn main() {
@@ -270,34 +289,46 @@ fn main() {
     let lb_paths = [
         (
             "pass-through (not a service)",
-            frame(&other_ip, &tcp(&other_ip, 40000, 22, ACK, &[0u8; 64])),
+            vec![frame(
+                &other_ip,
+                &tcp(&other_ip, 40000, 22, ACK, &[0u8; 64]),
+            )],
             XDP_PASS,
         ),
-        ("established TCP (ct hit)", established.clone(), XDP_TX),
         (
-            "UDP rtp flow (ct hit)",
-            frame(&udp_ip, &udp(&udp_ip, 30000, 5004, &[0x80; 172])),
+            "established TCP (ct hit)",
+            vec![established.clone()],
             XDP_TX,
         ),
         (
-            "new TCP (SYN, Maglev)",
-            frame(&tcp_ip, &tcp(&tcp_ip, 40001, 5672, SYN, b"")),
+            "UDP rtp flow (ct hit)",
+            vec![frame(&udp_ip, &udp(&udp_ip, 30000, 5004, &[0x80; 172]))],
+            XDP_TX,
+        ),
+        (
+            "SYN, same 5-tuple (Maglev)",
+            vec![frame(&tcp_ip, &tcp(&tcp_ip, 40001, 5672, SYN, b""))],
+            XDP_TX,
+        ),
+        (
+            "SYN, new 5-tuple (Maglev, ct insert)",
+            new_flow_syns(rounds * calls + 1),
             XDP_TX,
         ),
     ];
     let mut paths = vec![Path {
         name: "swap MACs + XDP_TX (baseline)".into(),
         prog: swap,
-        input: established,
+        inputs: vec![established],
         action: XDP_TX,
     }];
     for (label, prog) in [("", Some(lbp)), (" [before]", beforep)] {
         let Some(prog) = prog else { continue };
-        for (name, input, action) in &lb_paths {
+        for (name, inputs, action) in &lb_paths {
             paths.push(Path {
                 name: format!("{name}{label}"),
                 prog,
-                input: input.clone(),
+                inputs: inputs.clone(),
                 action: *action,
             });
         }
@@ -305,17 +336,17 @@ fn main() {
     paths.push(Path {
         name: "decap (IPIP to a local addr)".into(),
         prog: decapp,
-        input: {
+        inputs: vec![{
             let inner = frame(&tcp_ip, &tcp(&tcp_ip, 40000, 5672, ACK, &[0u8; 64]));
             ipip_expected(LB_MAC, LB_MAC, LB_ADDR, [10, 99, 1, 12], &inner[14..])
-        },
+        }],
         action: XDP_PASS,
     });
 
     // A benchmark that measured a drop path would look fast: check verdicts first.
     let mut out = vec![0u8; 2048];
     for p in &paths {
-        let (action, _) = run(p.prog, &p.input, &mut out);
+        let (action, _) = run(p.prog, p.input(rounds * calls), &mut out);
         assert_eq!(action, p.action, "{}: unexpected verdict", p.name);
     }
 
@@ -332,12 +363,13 @@ fn main() {
         floor_samples.clear();
         samples.iter_mut().for_each(Vec::clear);
         for call in 0..calls {
-            floor_samples.push(run(empty, &paths[0].input, &mut out).1);
+            floor_samples.push(run(empty, paths[0].input(0), &mut out).1);
             // Rotate the order so no path always runs right after the floor.
             let n = paths.len();
             for k in 0..n {
                 let i = (k + call + round + seed) % n;
-                samples[i].push(run(paths[i].prog, &paths[i].input, &mut out).1);
+                let input = paths[i].input(round * calls + call);
+                samples[i].push(run(paths[i].prog, input, &mut out).1);
             }
         }
         floors.push(iqm(&mut floor_samples));

@@ -2,6 +2,12 @@
 //! `tests/fixtures.rs` runs the compiled program through BPF_PROG_TEST_RUN,
 //! `tests/e2e.rs` builds a network-namespace lab.
 
+pub mod bench_conn;
+pub mod bench_fwd;
+pub mod bench_maglev;
+pub mod bench_react;
+pub mod bench_report;
+pub mod bench_util;
 pub mod frames;
 pub mod lab;
 pub mod netns;

@@ -6,7 +6,10 @@
 //! - `test`: setup, then every test layer in order, stopping at the first
 //!   failure; a layer that ran no test fails. `.ci/run` runs exactly this.
 //! - `demo`: setup, build, then the namespace lab (`mqlb-tests`' `lab` binary).
+//! - `bench`: setup, release build, every benchmark against its baselines
+//!   (`bench.rs`, BENCHMARKS.md).
 
+mod bench;
 mod setup;
 mod test;
 
@@ -39,6 +42,25 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the benchmarks (root): program cost, Maglev, forwarding vs
+    /// nftables, AMQP connections vs HAProxy, control-plane reaction.
+    Bench {
+        /// Write every figure as JSON here [default: target/bench/bench.json]
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Write the chart of the ratios (PNG) here [default: target/bench/bench.png]
+        #[arg(long, value_name = "FILE")]
+        chart: Option<PathBuf>,
+        /// XDP mode of the lab's load balancer: skb or native
+        #[arg(long, default_value = "skb")]
+        mode: String,
+        /// Fewer and shorter rounds (a smoke run, about a minute)
+        #[arg(long)]
+        quick: bool,
+        /// Only these parts, e.g. 2,3 (1 = prog_cost is always run by xtask)
+        #[arg(long, value_name = "LIST")]
+        parts: Option<String>,
+    },
 }
 
 fn main() {
@@ -47,6 +69,19 @@ fn main() {
         Cmd::Setup { force_bpf_linker } => setup::setup(force_bpf_linker),
         Cmd::Test => test::test(),
         Cmd::Demo { args } => demo(&args),
+        Cmd::Bench {
+            json,
+            chart,
+            mode,
+            quick,
+            parts,
+        } => bench::bench(&bench::BenchArgs {
+            json,
+            chart,
+            mode,
+            quick,
+            parts,
+        }),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e:#}");
