@@ -609,6 +609,22 @@ impl Lab {
         Ok(())
     }
 
+    /// Kills the daemon with SIGKILL (no chance to clean up), checks the
+    /// program is still attached, then starts a new daemon on the same
+    /// interface, socket and state directory, as an operator would.
+    pub fn kill9_and_restart_daemon(&mut self) -> Result<()> {
+        let mut proc = self.daemon.take().context("no daemon to kill")?;
+        proc.child.kill().context("SIGKILL the daemon")?;
+        proc.child.wait().context("reap the daemon")?;
+        if !self.lb.xdp_attached()? {
+            bail!("the XDP program was detached when the daemon died");
+        }
+        // The dead daemon could not remove its socket: the new one must cope.
+        let old_log = self.daemon_log();
+        let _ = std::fs::rename(&old_log, old_log.with_extension("log.1"));
+        self.start_daemon()
+    }
+
     /// `mqlb --socket S ARGS...` (the CLI, from the test's namespace: it
     /// only talks to the socket); its stdout.
     pub fn mqlb(&self, args: &[&str]) -> Result<String> {

@@ -217,6 +217,7 @@ in_both_modes! {
     udp_flows_predicted: udp_flows_predicted_skb, udp_flows_predicted_native;
     established_flows_survive_add_drain_delete: established_flows_survive_add_drain_delete_skb, established_flows_survive_add_drain_delete_native;
     one_mib_through_vip_with_pmtu: one_mib_through_vip_with_pmtu_skb, one_mib_through_vip_with_pmtu_native;
+    flows_survive_daemon_kill9: flows_survive_daemon_kill9_skb, flows_survive_daemon_kill9_native;
 }
 
 /// 300 TCP connections through the VIP, all open at once: each lands on the
@@ -498,4 +499,51 @@ fn one_mib_through_vip_with_pmtu(mode: XdpMode) {
         "{name} stayed at {too_big}: the LB sent no fragmentation-needed \
          (client route: {route})"
     );
+}
+
+/// `kill -9` of the daemon with 100 connections open: the program stays
+/// attached and keeps forwarding while no daemon runs, the restarted daemon
+/// reopens the pinned maps (conntrack included) and the saved state, and no
+/// connection breaks or changes backend.
+fn flows_survive_daemon_kill9(mode: XdpMode) {
+    let mut lab = start_lab(mode);
+    amqp_service(&mut lab, &["b1", "b2", "b3"]);
+    let mut conns = open_conns(&lab, 100);
+    assert_predicted(&lab, &conns);
+    exchange_all(&mut conns, "before");
+    let ct_before = lab
+        .maps()
+        .expect("maps")
+        .counter(Counter::CtHit)
+        .expect("STATS");
+
+    lab.kill9_and_restart_daemon()
+        .unwrap_or_else(|e| panic!("restart after kill -9: {e:#}\n{}", lab.diagnostics()));
+    exchange_all(&mut conns, "after-restart");
+
+    // The saved state came back: same service, same three backends, same ring.
+    let listed = lab
+        .mqlb(&["backend", "list", "amqp", "--json"])
+        .unwrap_or_else(|e| panic!("backend list: {e:#}"));
+    for b in &lab.backends {
+        assert!(
+            listed.contains(&b.addr.to_string()),
+            "{} restored: {listed}",
+            b.name
+        );
+    }
+    wait_ring(&lab, AMQP, PROTO_TCP, &["b1", "b2", "b3"]);
+    let ct_after = lab
+        .maps()
+        .expect("maps")
+        .counter(Counter::CtHit)
+        .expect("STATS");
+    assert!(
+        ct_after >= ct_before + conns.len() as u64,
+        "established flows kept hitting the pinned conntrack ({ct_before} -> {ct_after})"
+    );
+    let fresh = open_conns(&lab, 30);
+    assert_predicted(&lab, &fresh);
+    conns.extend(fresh);
+    exchange_all(&mut conns, "end");
 }
