@@ -178,11 +178,6 @@ impl FlowKey {
     }
 }
 
-/// A `CtEntry` in an 8-byte aligned slot (its `u64` already makes it so;
-/// kept for symmetry with the keys).
-#[repr(C, align(8))]
-struct Aligned<T>(T);
-
 /// The word at byte `OFF` of a map value. Map values are 8-byte aligned (the
 /// kernel rounds every value slot up to 8 bytes), so a word-aligned `OFF` is
 /// an aligned load; through a `[u8; N]` field the compiler loads byte by byte.
@@ -197,12 +192,14 @@ fn value_word<V, T: Copy, const OFF: usize>(v: &V) -> T {
     unsafe { ((v as *const V as *const u8).add(OFF) as *const T).read() }
 }
 
-/// The packet's fields mqlb decides on (IPv4; read before any rewrite).
+/// A packet to a service, as mqlb decides on it (IPv4 without options).
 struct Packet {
-    flow: FlowKey,
-    tos: u8,
+    /// Ethernet, IPv4 and ports; valid until the frame is resized. Fields
+    /// are read from here where they are used: a value read earlier and kept
+    /// across a helper call would be spilled to the stack and back.
+    hdr: Bytes<HDRS_LEN>,
     total_len: u16,
-    dont_fragment: bool,
+    /// A TCP SYN without ACK: the flow starts over.
     syn: bool,
 }
 
@@ -259,6 +256,8 @@ fn try_mqlb(ctx: &XdpContext) -> Result<u32, DropReason> {
     {
         return Err(DropReason::MalformedIp);
     }
+    // Read again rather than kept across the lookup (see `Packet::hdr`).
+    let proto = h.u8::<IP_PROTO>();
     let syn = if proto == PROTO_TCP {
         let Some(t) = Bytes::<{ TCP_FLAGS + 1 }>::at(ctx, 0) else {
             return Err(DropReason::MalformedL4);
@@ -271,21 +270,23 @@ fn try_mqlb(ctx: &XdpContext) -> Result<u32, DropReason> {
         }
         false
     };
+    let flow = FlowKey::new(h.u64::<IP_SRC>(), h.u32::<L4>(), proto);
     let pkt = Packet {
-        flow: FlowKey::new(h.u64::<IP_SRC>(), ports, proto),
-        tos: h.u8::<IP_TOS>(),
+        hdr: h,
         total_len,
-        dont_fragment: frag & IPV4_DF != 0,
         syn,
     };
-    let backend = pick_backend(svc, &pkt)?;
+    let backend = pick_backend(svc, flow.get(), &pkt)?;
     forward(ctx, &pkt, backend)
 }
 
 /// Conntrack first (unless a SYN starts the flow over), else the Maglev ring.
 #[inline(always)]
-fn pick_backend(svc: &ServiceValue, pkt: &Packet) -> Result<&'static Backend, DropReason> {
-    let f = pkt.flow.get();
+fn pick_backend(
+    svc: &ServiceValue,
+    f: &Flow4,
+    pkt: &Packet,
+) -> Result<&'static Backend, DropReason> {
     let udp = f.proto == PROTO_UDP;
     // The clock costs a helper call; only UDP entries age.
     let now = if udp {
@@ -327,14 +328,14 @@ fn pick_backend(svc: &ServiceValue, pkt: &Packet) -> Result<&'static Backend, Dr
         _ => return Err(DropReason::NoBackend),
     };
     let backend = backend(id)?;
-    let entry = Aligned(CtEntry {
+    let entry = CtEntry {
         backend: id,
         _pad: 0,
         seen_ns: now,
-    });
+    };
     // An LRU insert cannot fail for lack of room; a failure here only costs
     // the next packet a second ring lookup, which picks the same backend.
-    let _ = CT4.insert(f, &entry.0, 0);
+    let _ = CT4.insert(f, &entry, 0);
     count_traffic(&BE_STATS, id, pkt.total_len, true);
     Ok(backend)
 }
@@ -357,22 +358,27 @@ fn addr4(a: &[u8; 16]) -> [u8; 4] {
 #[inline(always)]
 fn forward(ctx: &XdpContext, pkt: &Packet, be: &Backend) -> Result<u32, DropReason> {
     if be.flags & backend_flags::NEXTHOP == 0 {
-        return forward_by_fib(ctx, pkt, be);
+        return forward_by_fib(ctx, pkt.hdr, be);
     }
     if !ipip_fits(pkt.total_len, be.mtu) {
-        return too_big(ctx, pkt.dont_fragment, ipip_client_mtu(be.mtu));
+        return too_big(ctx, dont_fragment(pkt.hdr), ipip_client_mtu(be.mtu));
     }
     // Backend fields are read after the helper call: read before, they
     // would be spilled to the stack across it.
     let out = grow_for_ipip(ctx)?;
     write_outer(
         out,
-        pkt,
         addr4(&be.outer_src),
         addr4(&be.addr),
         EthAddrs::of_backend(be),
     );
     Ok(send(ctx, be.ifindex))
+}
+
+/// Whether the client set Don't Fragment (so it will act on ICMP too-big).
+#[inline(always)]
+fn dont_fragment(h: Bytes<HDRS_LEN>) -> bool {
+    u16::from_be(h.u16::<IP_FRAG>()) & IPV4_DF != 0
 }
 
 /// XDP_TX when the next hop is out of the port the packet came in on.
@@ -385,8 +391,8 @@ fn send(ctx: &XdpContext, ifindex: u32) -> u32 {
     }
 }
 
-/// The outer destination and source MACs as the four words `encap` stores at
-/// frame offsets 0, 2, 6 and 10.
+/// The outer destination and source MACs as the four words `write_outer`
+/// stores at frame offsets 0, 2, 6 and 10.
 struct EthAddrs(u16, u32, u32, u16);
 
 impl EthAddrs {
@@ -418,26 +424,27 @@ impl EthAddrs {
     }
 }
 
-/// Makes room for the outer IPv4 header; returns the 34 bytes of outer
-/// Ethernet and IPv4 header to write.
+/// Makes room for the outer IPv4 header. Returns the frame's first
+/// `HDRS_LEN` bytes (there: the frame held that many before it grew): the
+/// outer Ethernet and IPv4 headers to write, then the first word of the
+/// inner IPv4 header.
 #[inline(always)]
-fn grow_for_ipip(ctx: &XdpContext) -> Result<Bytes<{ ETH_LEN + IPV4_LEN }>, DropReason> {
+fn grow_for_ipip(ctx: &XdpContext) -> Result<Bytes<HDRS_LEN>, DropReason> {
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV4_LEN as i32)) } != 0 {
         return Err(DropReason::AdjustFailed);
     }
     Bytes::at(ctx, 0).ok_or(DropReason::AdjustFailed)
 }
 
-/// Writes the outer Ethernet and IPv4 headers as words.
+/// Writes the outer Ethernet and IPv4 headers as words. TOS and length come
+/// from the inner header, read here rather than carried across the helper
+/// call that made room.
 #[inline(always)]
-fn write_outer(
-    out: Bytes<{ ETH_LEN + IPV4_LEN }>,
-    pkt: &Packet,
-    src: [u8; 4],
-    dst: [u8; 4],
-    macs: EthAddrs,
-) {
-    let ip = ipip_outer_v4_words(src, dst, pkt.total_len, pkt.tos);
+fn write_outer(out: Bytes<HDRS_LEN>, src: [u8; 4], dst: [u8; 4], macs: EthAddrs) {
+    const INNER: usize = ETH_LEN + IPV4_LEN;
+    let tos = out.u8::<{ INNER + 1 }>();
+    let inner_len = u16::from_be(out.u16::<{ INNER + 2 }>());
+    let ip = ipip_outer_v4_words(src, dst, inner_len, tos);
     out.set_u16::<0>(macs.0);
     out.set_u32::<2>(macs.1);
     out.set_u32::<6>(macs.2);
@@ -452,15 +459,17 @@ fn write_outer(
 
 /// The kernel's FIB for a backend whose next hop the daemon has not cached.
 #[inline(never)]
-fn forward_by_fib(ctx: &XdpContext, pkt: &Packet, be: &Backend) -> Result<u32, DropReason> {
+fn forward_by_fib(ctx: &XdpContext, h: Bytes<HDRS_LEN>, be: &Backend) -> Result<u32, DropReason> {
     count(Counter::FibLookup);
     let (src, dst) = (addr4(&be.outer_src), addr4(&be.addr));
+    let total_len = u16::from_be(h.u16::<IP_TOT_LEN>());
+    let dont_fragment = dont_fragment(h);
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = lb_common::PROTO_IPIP;
     p.ifindex = ctx.ingress_ifindex() as u32;
-    p.__bindgen_anon_1.tot_len = pkt.total_len.wrapping_add(IPV4_LEN as u16);
-    p.__bindgen_anon_2.tos = pkt.tos;
+    p.__bindgen_anon_1.tot_len = total_len.wrapping_add(IPV4_LEN as u16);
+    p.__bindgen_anon_2.tos = h.u8::<IP_TOS>();
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
     let rc = unsafe {
@@ -474,20 +483,20 @@ fn forward_by_fib(ctx: &XdpContext, pkt: &Packet, be: &Backend) -> Result<u32, D
     match rc as u32 {
         aya_ebpf::bindings::BPF_FIB_LKUP_RET_SUCCESS => {
             let out = grow_for_ipip(ctx)?;
-            write_outer(out, pkt, src, dst, EthAddrs::new(&p.dmac, &p.smac));
+            write_outer(out, src, dst, EthAddrs::new(&p.dmac, &p.smac));
             Ok(send(ctx, p.ifindex))
         }
         // The MAC is unknown: hand the encapsulated packet to the kernel,
         // which resolves the neighbour.
         aya_ebpf::bindings::BPF_FIB_LKUP_RET_NO_NEIGH => {
             let out = grow_for_ipip(ctx)?;
-            write_outer(out, pkt, src, dst, EthAddrs(0, 0, 0, 0));
+            write_outer(out, src, dst, EthAddrs(0, 0, 0, 0));
             count(Counter::NexthopPass);
             Ok(xdp_action::XDP_PASS)
         }
         aya_ebpf::bindings::BPF_FIB_LKUP_RET_FRAG_NEEDED => {
             let mtu = unsafe { p.__bindgen_anon_1.mtu_result };
-            too_big(ctx, pkt.dont_fragment, ipip_client_mtu(mtu))
+            too_big(ctx, dont_fragment, ipip_client_mtu(mtu))
         }
         _ => Err(DropReason::NoRoute),
     }

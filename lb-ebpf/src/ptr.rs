@@ -18,7 +18,9 @@ use core::arch::asm;
 
 use aya_ebpf::programs::XdpContext;
 
-/// `N` bytes of packet starting at `p`, all before `data_end`.
+/// `N` bytes of packet starting at `p`, all before `data_end`. A window
+/// does not survive a resize of the frame (`bpf_xdp_adjust_head/tail`): the
+/// verifier rejects a program that uses one after that, so take a new one.
 #[derive(Clone, Copy)]
 pub struct Bytes<const N: usize> {
     p: usize,

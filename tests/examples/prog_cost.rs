@@ -9,7 +9,14 @@
 //! per round, default 3000) change the run length; `PROG_COST_DUMP=DIR` also
 //! writes `bpftool prog dump xlated` of each program into DIR;
 //! `PROG_COST_BEFORE=FILE` also measures the mqlb paths of another build of
-//! the object (e.g. from before a change), interleaved in the same rounds.
+//! the object (e.g. from before a change), interleaved in the same rounds;
+//! `--json FILE` also writes the tables as JSON (for `cargo xtask bench`).
+//!
+//! Floors: `xdp_pass` (empty) for every path, `xdp_swap_tx` (swap MACs,
+//! XDP_TX) as the least a forwarder does, and `xdp_calls_floor`: mqlb's
+//! kernel calls and map accesses without its logic, run on the pass-through
+//! and the established frames. A path minus its calls floor is what mqlb's
+//! own code costs.
 //!
 //! A path's figure in a round is the mean of the middle half of its samples:
 //! the distribution has a long tail, and its median moves in steps.
@@ -26,6 +33,7 @@ use lb_common::{
     ServiceKey, ServiceValue, PROTO_TCP, PROTO_UDP,
 };
 use mqlb_tests::frames::*;
+use serde_json::{json, Value};
 
 const VIP: [u8; 4] = [10, 99, 0, 1];
 const CLIENT: [u8; 4] = [192, 0, 2, 10];
@@ -84,17 +92,17 @@ fn xdp<'a>(ebpf: &'a Ebpf, program: &str) -> &'a Xdp {
     ebpf.program(program).unwrap().try_into().unwrap()
 }
 
-/// What the verifier and the JIT made of a program.
-fn describe(name: &str, prog: &Xdp, dump: Option<&str>) {
+/// What the verifier and the JIT made of a program; printed, and returned
+/// for the JSON report.
+fn describe(name: &str, prog: &Xdp, dump: Option<&str>) -> Value {
     let info = prog.info().expect("bpf_prog_info");
     let xlated = info.size_translated().unwrap_or(0) / 8;
-    let verified = info
-        .verified_instruction_count()
-        .map_or("-".to_string(), |n| n.to_string());
+    let verified = info.verified_instruction_count();
     println!(
-        "{name:<14} {:>6} {xlated:>12} {:>10} {verified:>15}",
+        "{name:<15} {:>6} {xlated:>12} {:>10} {:>15}",
         info.id(),
-        info.size_jitted()
+        info.size_jitted(),
+        verified.map_or("-".to_string(), |n| n.to_string())
     );
     if let Some(dir) = dump {
         let out = std::process::Command::new("bpftool")
@@ -103,6 +111,26 @@ fn describe(name: &str, prog: &Xdp, dump: Option<&str>) {
             .expect("run bpftool");
         let file = format!("{dir}/{}.xlated", name.replace([' ', '[', ']'], ""));
         std::fs::write(file, out.stdout).expect("write the dump");
+    }
+    json!({
+        "name": name,
+        "id": info.id(),
+        "xlated_insns": xlated,
+        "jited_bytes": info.size_jitted(),
+        "verified_insns": verified,
+    })
+}
+
+/// `--json FILE`, the only argument.
+fn json_arg() -> Option<String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [] => None,
+        [flag, file] if flag == "--json" => Some(file.clone()),
+        _ => {
+            eprintln!("usage: prog_cost [--json FILE]");
+            std::process::exit(2);
+        }
     }
 }
 
@@ -117,7 +145,8 @@ fn monotonic_ns() -> u64 {
 }
 
 /// Backends 1..=3, a TCP service (AMQP, five-tuple) and a UDP one (RTP), one
-/// established flow of each in conntrack.
+/// established flow of each in conntrack. Also used for the baseline object's
+/// `xdp_calls_floor`, which has the same maps (but no rings).
 fn set_up_lb(lb: &mut Ebpf) {
     let backends: Vec<[u8; 4]> = (1..=3).map(|i| [10, 99, 1, 10 + i]).collect();
     {
@@ -147,9 +176,9 @@ fn set_up_lb(lb: &mut Ebpf) {
         })
         .collect();
     let table = maglev::build(&members, 65537);
-    {
-        let mut rings: Array<&mut MapData, u32> =
-            Array::try_from(lb.map_mut("RINGS").unwrap()).unwrap();
+    // The calls-floor baseline has mqlb's maps but no rings.
+    if let Some(rings) = lb.map_mut("RINGS") {
+        let mut rings: Array<&mut MapData, u32> = Array::try_from(rings).unwrap();
         for id in [1, 2] {
             for (i, b) in table.iter().enumerate() {
                 rings.set(ring_base(id, 0) + i as u32, *b, 0).unwrap();
@@ -231,6 +260,7 @@ fn main() {
     let rounds = env_usize("PROG_COST_ROUNDS", 11).max(3);
     let calls = env_usize("PROG_COST_CALLS", 3000).max(100);
     let dump = std::env::var("PROG_COST_DUMP").ok();
+    let json_file = json_arg();
 
     let mut lb = load(lb_user::programs::LB_OBJECT, lb_user::programs::LB_PROGRAM);
     set_up_lb(&mut lb);
@@ -254,6 +284,8 @@ fn main() {
     }
     let mut base = load(lb_user::programs::BASELINE_OBJECT, "xdp_pass");
     load_program(&mut base, "xdp_swap_tx");
+    load_program(&mut base, "xdp_calls_floor");
+    set_up_lb(&mut base);
 
     let lbp = xdp(&lb, lb_user::programs::LB_PROGRAM);
     let beforep = before
@@ -262,23 +294,26 @@ fn main() {
     let decapp = xdp(&decap, lb_user::programs::DECAP_PROGRAM);
     let empty = xdp(&base, "xdp_pass");
     let swap = xdp(&base, "xdp_swap_tx");
+    let calls_floor = xdp(&base, "xdp_calls_floor");
 
     println!(
-        "{:<14} {:>6} {:>12} {:>10} {:>15}",
+        "{:<15} {:>6} {:>12} {:>10} {:>15}",
         "program", "id", "xlated insn", "JIT bytes", "verifier insns"
     );
     if let Some(dir) = dump.as_deref() {
         std::fs::create_dir_all(dir).expect("create PROG_COST_DUMP");
     }
+    let mut programs = Vec::new();
     for (name, prog) in [
         ("mqlb", Some(lbp)),
         ("mqlb [before]", beforep),
         ("mqlb_decap", Some(decapp)),
         ("xdp_pass", Some(empty)),
         ("xdp_swap_tx", Some(swap)),
+        ("xdp_calls_floor", Some(calls_floor)),
     ] {
         if let Some(prog) = prog {
-            describe(name, prog, dump.as_deref());
+            programs.push(describe(name, prog, dump.as_deref()));
         }
     }
 
@@ -316,12 +351,26 @@ fn main() {
             XDP_TX,
         ),
     ];
-    let mut paths = vec![Path {
-        name: "swap MACs + XDP_TX (baseline)".into(),
-        prog: swap,
-        inputs: vec![established],
-        action: XDP_TX,
-    }];
+    let mut paths = vec![
+        Path {
+            name: "swap MACs + XDP_TX (baseline)".into(),
+            prog: swap,
+            inputs: vec![established.clone()],
+            action: XDP_TX,
+        },
+        Path {
+            name: "calls floor: not a service".into(),
+            prog: calls_floor,
+            inputs: lb_paths[0].1.clone(),
+            action: XDP_PASS,
+        },
+        Path {
+            name: "calls floor: established".into(),
+            prog: calls_floor,
+            inputs: vec![established],
+            action: XDP_TX,
+        },
+    ];
     for (label, prog) in [("", Some(lbp)), (" [before]", beforep)] {
         let Some(prog) = prog else { continue };
         for (name, inputs, action) in &lb_paths {
@@ -390,20 +439,22 @@ fn main() {
         fast.len()
     );
     println!(
-        "{:<38} {:>6} {:>6} {:>6} {:>8} {:>8} {:>6}  per-round ratio to the empty program",
+        "{:<46} {:>6} {:>6} {:>6} {:>8} {:>8} {:>6}  per-round ratio to the empty program",
         "path", "ns/pkt", "floor", "net", "net fast", "net-swap", "ratio"
     );
+    let mut report = Vec::new();
     for (i, p) in paths.iter().enumerate() {
         let per_round = |f: &dyn Fn(usize) -> f64| (0..rounds).map(f).collect::<Vec<f64>>();
         let nets = per_round(&|r| rows[r][i] - floors[r]);
         let fast_nets: Vec<f64> = fast.iter().map(|&r| nets[r]).collect();
         let over_swap = per_round(&|r| rows[r][i] - rows[r][0]);
         let ratios = per_round(&|r| rows[r][i] / floors[r]);
+        let ns = median(&per_round(&|r| rows[r][i]));
         let shown: Vec<String> = ratios.iter().map(|x| format!("{x:.2}")).collect();
         println!(
-            "{:<38} {:>6.0} {:>6.0} {:>6.0} {:>8.0} {:>8.0} {:>6.2}  {}",
+            "{:<46} {:>6.0} {:>6.0} {:>6.0} {:>8.0} {:>8.0} {:>6.2}  {}",
             p.name,
-            median(&per_round(&|r| rows[r][i])),
+            ns,
             median(&floors),
             median(&nets),
             median(&fast_nets),
@@ -411,9 +462,39 @@ fn main() {
             median(&ratios),
             shown.join(" ")
         );
+        let round2 = |v: &[f64]| {
+            v.iter()
+                .map(|x| (x * 100.0).round() / 100.0)
+                .collect::<Vec<_>>()
+        };
+        report.push(json!({
+            "name": p.name,
+            "ns_per_packet_median": ns,
+            "floor_ns_median": median(&floors),
+            "net_ns_median": median(&nets),
+            "net_ns_median_fast_rounds": median(&fast_nets),
+            "net_over_swap_ns_median": median(&over_swap),
+            "ratio_to_empty_median": median(&ratios),
+            "ratio_to_empty_per_round": round2(&ratios),
+            "net_ns_per_round": round2(&nets),
+        }));
     }
     println!(
         "\nnet: the path minus the empty program in the same round, median over rounds; \
          net fast: the same over fast rounds only; net-swap: minus the swap-MACs baseline."
     );
+    if let Some(file) = json_file {
+        let doc = json!({
+            "rounds": rounds,
+            "fast_rounds": fast.len(),
+            "calls_per_round": calls,
+            "repeat": 1,
+            "statistic": "per round: mean of the middle half of the samples; then median over rounds",
+            "floor_ns_per_round": floors,
+            "programs": programs,
+            "paths": report,
+        });
+        let text = serde_json::to_string_pretty(&doc).expect("serialise the report");
+        std::fs::write(&file, text).unwrap_or_else(|e| panic!("write {file}: {e}"));
+    }
 }

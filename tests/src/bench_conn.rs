@@ -9,7 +9,8 @@
 //! the Connection.Start frame, close.
 
 use crate::bench_util::{
-    check_interrupted, in_node, median, percentile, round_to, BgProc, PlainLb,
+    check_interrupted, in_node, ksoftirqd_pids, median, percentile, process_cpu_ns,
+    process_sched_ns, round_to, sched_ns, BgProc, PlainLb,
 };
 use crate::lab::{Lab, Node};
 use anyhow::{bail, Context as _, Result};
@@ -206,7 +207,7 @@ fn latencies(client: &Node, targets: &[SocketAddr], n: usize) -> Result<Vec<f64>
 
 fn haproxy_config(plain: &PlainLb, backends: &[Node]) -> String {
     let mut cfg = format!(
-        "global\n    maxconn 100000\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    \
+        "global\n    maxconn 8000\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    \
          timeout client 30s\n    timeout server 30s\n\nfrontend amqp\n    bind {}:{PORT}\n    \
          default_backend rabbitmq\n\nbackend rabbitmq\n    balance roundrobin\n",
         plain.node.addr
@@ -302,28 +303,48 @@ pub fn run(
         )?;
     }
 
-    let dur = Duration::from_millis(run_ms);
+    // Each round: `SLICES` turns of every variant (rotated), so that the
+    // VM's speed state and the other load on the machine fall alike on
+    // all three. CPU: this process (clients, servers, and the softirq work
+    // they run inline, mqlb's XDP included), HAProxy's threads, ksoftirqd.
+    const SLICES: usize = 5;
+    let slice = Duration::from_millis(run_ms / SLICES as u64);
+    let haproxy_pid = plain.procs.last().map(BgProc::pid);
+    let softirqd = ksoftirqd_pids();
+    let cpu_now =
+        || process_cpu_ns() + haproxy_pid.map_or(0, process_sched_ns) + sched_ns(&softirqd);
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
+    let mut cpu_per_conn: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
     let mut errors = vec![0u64; VARIANTS.len()];
     let mut first_error: Vec<Option<String>> = vec![None; VARIANTS.len()];
     let mut lat: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
     let per_round_lat = latency_samples.div_ceil(rounds);
-    for round in 0..rounds {
-        for k in 0..VARIANTS.len() {
-            check_interrupted()?;
-            let v = (k + round) % VARIANTS.len();
-            let start = Instant::now();
-            let (ok, err, first) = load(&lab.client, &targets[v], threads, dur)?;
-            rates[v].push(ok as f64 / start.elapsed().as_secs_f64());
-            errors[v] += err;
-            if first_error[v].is_none() {
-                first_error[v] = first;
+    for _ in 0..rounds {
+        let mut ok = vec![0u64; VARIANTS.len()];
+        let mut secs = vec![0f64; VARIANTS.len()];
+        let mut cpu = vec![0u64; VARIANTS.len()];
+        for s in 0..SLICES {
+            for k in 0..VARIANTS.len() {
+                check_interrupted()?;
+                let v = (k + s) % VARIANTS.len();
+                let (start, cpu0) = (Instant::now(), cpu_now());
+                let (n, err, first) = load(&lab.client, &targets[v], threads, slice)?;
+                cpu[v] += cpu_now() - cpu0;
+                secs[v] += start.elapsed().as_secs_f64();
+                ok[v] += n;
+                errors[v] += err;
+                if first_error[v].is_none() {
+                    first_error[v] = first;
+                }
             }
+        }
+        for v in 0..VARIANTS.len() {
+            rates[v].push(ok[v] as f64 / secs[v]);
+            cpu_per_conn[v].push(cpu[v] as f64 / 1e3 / ok[v].max(1) as f64);
         }
         for k in 0..VARIANTS.len() {
             check_interrupted()?;
-            let v = (k + round) % VARIANTS.len();
-            lat[v].extend(latencies(&lab.client, &targets[v], per_round_lat)?);
+            lat[k].extend(latencies(&lab.client, &targets[k], per_round_lat)?);
         }
     }
     if let Some(p) = plain.procs.last_mut() {
@@ -332,6 +353,11 @@ pub fn run(
     let ratio = |a: usize, b: usize| -> Vec<f64> {
         (0..rounds).map(|r| rates[a][r] / rates[b][r]).collect()
     };
+    let cpu_ratio = |a: usize, b: usize| -> Vec<f64> {
+        (0..rounds)
+            .map(|r| cpu_per_conn[a][r] / cpu_per_conn[b][r])
+            .collect()
+    };
     let mut variants = serde_json::Map::new();
     for (v, name) in VARIANTS.iter().enumerate() {
         variants.insert(
@@ -339,6 +365,8 @@ pub fn run(
             json!({
                 "connections_per_s_median": round_to(median(&rates[v]), 0),
                 "connections_per_s_per_round": rates[v].iter().map(|x| round_to(*x, 0)).collect::<Vec<_>>(),
+                "cpu_us_per_connection_median": round_to(median(&cpu_per_conn[v]), 2),
+                "cpu_us_per_connection_per_round": cpu_per_conn[v].iter().map(|x| round_to(*x, 2)).collect::<Vec<_>>(),
                 "errors": errors[v],
                 "first_error": first_error[v],
                 "handshake_latency_us_p50": round_to(percentile(&lat[v], 50.0), 1),
@@ -364,5 +392,10 @@ pub fn run(
         "mqlb_over_haproxy_rate_ratio_per_round": mqlb_haproxy.iter().map(|x| round_to(*x, 3)).collect::<Vec<_>>(),
         "mqlb_over_direct_rate_ratio_median": round_to(median(&mqlb_direct), 3),
         "mqlb_over_direct_rate_ratio_per_round": mqlb_direct.iter().map(|x| round_to(*x, 3)).collect::<Vec<_>>(),
+        "haproxy_over_mqlb_cpu_per_connection_ratio_median": round_to(median(&cpu_ratio(2, 1)), 3),
+        "direct_over_mqlb_cpu_per_connection_ratio_median": round_to(median(&cpu_ratio(0, 1)), 3),
+        "cpu_method": "CPU time of the bench process (client and server threads and the softirq \
+            work they run inline, mqlb's XDP program included) + HAProxy's threads + ksoftirqd, \
+            over completed connections; other processes on the machine are not counted",
     }))
 }

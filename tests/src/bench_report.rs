@@ -63,7 +63,7 @@ pub fn prog_cost_from_text(text: &str) -> Value {
         }
         if line.starts_with("fast rounds") {
             // "fast rounds (floor <= 1.25 x lowest): F of R"
-            let n: Vec<f64> = t.iter().filter_map(|x| num(x)).collect();
+            let n: Vec<u64> = t.iter().filter_map(|x| x.parse().ok()).collect();
             if n.len() >= 2 {
                 fast = json!(n[n.len() - 2]);
                 rounds = json!(n[n.len() - 1]);
@@ -73,11 +73,12 @@ pub fn prog_cost_from_text(text: &str) -> Value {
         match section {
             "programs" if t.len() >= 5 => {
                 let k = t.len();
+                let int = |x: &str| x.parse::<u64>().ok();
                 programs.push(json!({
                     "name": t[..k - 4].join(" "),
-                    "xlated_insns": num(t[k - 3]),
-                    "jited_bytes": num(t[k - 2]),
-                    "verified_insns": num(t[k - 1]),
+                    "xlated_insns": int(t[k - 3]),
+                    "jited_bytes": int(t[k - 2]),
+                    "verified_insns": int(t[k - 1]),
                 }));
             }
             "paths" => {
@@ -110,13 +111,62 @@ pub fn prog_cost_from_text(text: &str) -> Value {
     })
 }
 
-/// The net ns/packet of the first (current-build) path whose name matches.
-fn path_net(pc: &Value, pred: impl Fn(&str) -> bool) -> Option<(String, f64)> {
-    pc["paths"].as_array()?.iter().find_map(|p| {
-        let name = p["name"].as_str()?;
-        (pred(&name.to_lowercase()) && !name.contains("[before]"))
-            .then(|| Some((name.to_string(), p["net_ns_median"].as_f64()?)))?
+/// The first measured mqlb path (not a floor, not a `[before]` build)
+/// whose lower-cased name satisfies `pred`.
+fn find_path(pc: &Value, pred: impl Fn(&str) -> bool) -> Option<&Value> {
+    pc["paths"].as_array()?.iter().find(|p| {
+        p["name"].as_str().is_some_and(|name| {
+            let n = name.to_lowercase();
+            pred(&n) && !n.contains("floor") && !n.contains("baseline") && !n.contains("[before]")
+        })
     })
+}
+
+/// The net ns/packet (minus the empty program) of the path [`find_path`] finds.
+fn path_net(pc: &Value, pred: impl Fn(&str) -> bool) -> Option<(String, f64)> {
+    let p = find_path(pc, pred)?;
+    Some((
+        p["name"].as_str()?.to_string(),
+        p["net_ns_median"].as_f64()?,
+    ))
+}
+
+/// mqlb's own code per path: the path minus the `calls floor` program run
+/// on the same frame (its kernel calls and map accesses without the logic),
+/// per round, median. Only where `prog_cost` measured such a floor.
+pub fn own_code(pc: &Value) -> Value {
+    let Some(paths) = pc["paths"].as_array() else {
+        return Value::Null;
+    };
+    let per_round = |p: &Value| -> Option<Vec<f64>> {
+        p["net_ns_per_round"]
+            .as_array()?
+            .iter()
+            .map(Value::as_f64)
+            .collect()
+    };
+    let mut out = serde_json::Map::new();
+    for (floor_name, pred) in [
+        ("calls floor: not a service", "pass-through"),
+        ("calls floor: established", "established"),
+    ] {
+        let floor = paths.iter().find(|p| p["name"] == floor_name);
+        let path = find_path(pc, |n| n.contains(pred));
+        if let (Some(floor), Some(path)) = (floor, path) {
+            if let (Some(a), Some(b)) = (per_round(path), per_round(floor)) {
+                let d: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
+                out.insert(
+                    path["name"].as_str().unwrap_or("?").to_string(),
+                    json!(round_to(crate::bench_util::median(&d), 1)),
+                );
+            }
+        }
+    }
+    if out.is_empty() {
+        Value::Null
+    } else {
+        Value::Object(out)
+    }
 }
 
 // ------------------------------------------------------------ maps memory
@@ -249,8 +299,15 @@ pub fn targets(report: &Value) -> Vec<Value> {
             true,
         ),
         target(
-            "forwarding CPU per packet, mqlb / nftables DNAT",
-            fwd["mqlb_over_nft_cost_ratio_median"].as_f64(),
+            "forwarding CPU/pkt mqlb / nft DNAT (LB processing)",
+            fwd["mqlb_over_nft_processing_ratio_median"].as_f64(),
+            1.0 / 3.0,
+            "ratio",
+            true,
+        ),
+        target(
+            "forwarding CPU/pkt mqlb / nft DNAT (with the hop)",
+            fwd["mqlb_over_nft_hop_ratio_median"].as_f64(),
             1.0 / 3.0,
             "ratio",
             true,
@@ -270,8 +327,29 @@ pub fn targets(report: &Value) -> Vec<Value> {
             false,
         ),
         target(
+            "AMQP CPU per connection, HAProxy / mqlb",
+            amqp["haproxy_over_mqlb_cpu_per_connection_ratio_median"].as_f64(),
+            2.0,
+            "ratio",
+            false,
+        ),
+        target(
+            "AMQP CPU per connection, direct / mqlb",
+            amqp["direct_over_mqlb_cpu_per_connection_ratio_median"].as_f64(),
+            0.9,
+            "ratio",
+            false,
+        ),
+        target(
             "backend add visible to new flows (max over cycles)",
             react["add_to_first_new_flow_ms_max"].as_f64(),
+            10.0,
+            "ms",
+            true,
+        ),
+        target(
+            "backend add: CLI start to first new flow (median)",
+            react["add_cli_start_to_first_new_flow_ms_median"].as_f64(),
             10.0,
             "ms",
             true,
@@ -287,6 +365,12 @@ pub fn targets(report: &Value) -> Vec<Value> {
 }
 
 // ------------------------------------------------------------------- table
+
+/// Whether a part left figures (it may also have left only an error).
+fn ran(v: &Value) -> bool {
+    v.as_object()
+        .is_some_and(|m| !m.is_empty() && m.get("source") != Some(&json!("not run")))
+}
 
 /// A JSON value as table text ("-" when absent).
 fn s(v: &Value) -> String {
@@ -317,222 +401,286 @@ pub fn table(report: &Value) -> String {
         s(&m["cpus"]),
         report["forwarding"]["xdp_mode"].as_str().unwrap_or("-"),
     );
+    let st = &report["speed_state"];
+    let _ = writeln!(
+        o,
+        "VM speed state: {} (empty XDP program {} ns/call, {}x the fast state's ~43 ns)",
+        st["state"].as_str().unwrap_or("?"),
+        f(&st["empty_program_ns_per_call"], 0),
+        f(&st["slowdown_vs_fast_state"], 2)
+    );
 
     let pc = &report["program_cost"];
-    let _ = writeln!(
+    if ran(pc) {
+        let _ = writeln!(
         o,
         "\n1. Program cost (BPF_PROG_TEST_RUN, repeat 1, {} rounds, {} fast; net = minus the empty XDP program in the same round)",
         s(&pc["rounds"]), s(&pc["fast_rounds"])
     );
-    if let Some(paths) = pc["paths"].as_array() {
-        let _ = writeln!(
-            o,
-            "   {:<40} {:>7} {:>7} {:>9} {:>9}",
-            "path", "ns/pkt", "net", "net fast", "x empty"
-        );
-        for p in paths {
+        if let Some(paths) = pc["paths"].as_array() {
             let _ = writeln!(
                 o,
-                "   {:<40} {:>7} {:>7} {:>9} {:>9}",
-                p["name"].as_str().unwrap_or("?"),
-                f(&p["ns_per_packet_median"], 0),
-                f(&p["net_ns_median"], 0),
-                f(&p["net_ns_median_fast_rounds"], 0),
-                f(&p["ratio_to_empty_median"], 2)
+                "   {:<40} {:>7} {:>7} {:>9} {:>7} {:>8}",
+                "path", "ns/pkt", "net", "net fast", "- swap", "x empty"
+            );
+            for p in paths {
+                let _ = writeln!(
+                    o,
+                    "   {:<40} {:>7} {:>7} {:>9} {:>7} {:>8}",
+                    p["name"].as_str().unwrap_or("?"),
+                    f(&p["ns_per_packet_median"], 0),
+                    f(&p["net_ns_median"], 0),
+                    f(&p["net_ns_median_fast_rounds"], 0),
+                    f(&p["net_over_swap_ns_median"], 0),
+                    f(&p["ratio_to_empty_median"], 2)
+                );
+            }
+        } else {
+            let _ = writeln!(o, "   (not run: {})", pc["source"]);
+        }
+        if let Some(own) = pc["own_code_ns_median"].as_object() {
+            let parts: Vec<String> = own
+                .iter()
+                .map(|(k, v)| format!("{k} {} ns", f(v, 0)))
+                .collect();
+            let _ = writeln!(
+                o,
+                "   mqlb's own code (path minus its calls floor, per round): {}",
+                parts.join(", ")
             );
         }
-    } else {
-        let _ = writeln!(o, "   (not run: {})", pc["source"]);
-    }
-    if let Some(progs) = pc["programs"].as_array() {
-        let _ = writeln!(
-            o,
-            "   {:<18} {:>12} {:>10} {:>15}",
-            "program", "xlated insns", "JIT bytes", "verifier insns"
-        );
-        for p in progs {
+        if let Some(progs) = pc["programs"].as_array() {
             let _ = writeln!(
                 o,
                 "   {:<18} {:>12} {:>10} {:>15}",
-                p["name"].as_str().unwrap_or("?"),
-                f(&p["xlated_insns"], 0),
-                f(&p["jited_bytes"], 0),
-                f(&p["verified_insns"], 0)
+                "program", "xlated insns", "JIT bytes", "verifier insns"
             );
+            for p in progs {
+                let _ = writeln!(
+                    o,
+                    "   {:<18} {:>12} {:>10} {:>15}",
+                    p["name"].as_str().unwrap_or("?"),
+                    f(&p["xlated_insns"], 0),
+                    f(&p["jited_bytes"], 0),
+                    f(&p["verified_insns"], 0)
+                );
+            }
         }
+    } else {
+        let _ = writeln!(o, "\n1. Program cost: not run");
     }
-
     let mg = &report["maglev"];
-    let _ = writeln!(
+    if ran(mg) {
+        let _ = writeln!(
         o,
         "\n2. Maglev ({} rounds; extra = slots moved beyond the removed backend's own, mean of up to 10 removals)",
         s(&mg["rounds"])
     );
-    let _ = writeln!(
-        o,
-        "   {:>5} {:>7} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7}",
-        "N", "M", "build ms", "max/min", "moved %", "ideal %", "extra %", "max ext", "Katran"
-    );
-    for t in mg["tables"].as_array().into_iter().flatten() {
         let _ = writeln!(
             o,
             "   {:>5} {:>7} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7}",
-            s(&t["backends"]),
-            s(&t["table_size"]),
-            f(&t["build_ms_median"], 3),
-            f(&t["balance_max_over_min"], 4),
-            f(&t["moved_pct_mean"], 3),
-            f(&t["ideal_moved_pct"], 3),
-            f(&t["extra_moved_pct_mean"], 3),
-            f(&t["extra_moved_pct_max"], 3),
-            f(&t["katran_extra_moved_pct"], 2)
+            "N", "M", "build ms", "max/min", "moved %", "ideal %", "extra %", "max ext", "Katran"
         );
-    }
-    let mp = &report["maglev"]["map_push"];
-    let _ = writeln!(
-        o,
-        "   push into RINGS (M = 65537):  {:<38} {:>7} {:>11} {:>9} {:>7}",
-        "case", "slots", "per-slot ms", "batch ms", "ratio"
-    );
-    for c in mp["cases"].as_array().into_iter().flatten() {
+        for t in mg["tables"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                o,
+                "   {:>5} {:>7} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7}",
+                s(&t["backends"]),
+                s(&t["table_size"]),
+                f(&t["build_ms_median"], 3),
+                f(&t["balance_max_over_min"], 4),
+                f(&t["moved_pct_mean"], 3),
+                f(&t["ideal_moved_pct"], 3),
+                f(&t["extra_moved_pct_mean"], 3),
+                f(&t["extra_moved_pct_max"], 3),
+                f(&t["katran_extra_moved_pct"], 2)
+            );
+        }
+        let mp = &report["maglev"]["map_push"];
         let _ = writeln!(
             o,
-            "                                 {:<38} {:>7} {:>11} {:>9} {:>7}",
-            c["case"].as_str().unwrap_or("?"),
-            s(&c["slots_written"]),
-            f(&c["per_slot_update_ms_median"], 3),
-            f(&c["batch_update_ms_median"], 3),
-            f(&c["per_slot_over_batch_ratio_median"], 2)
+            "   push into RINGS (M = 65537):  {:<38} {:>7} {:>11} {:>9} {:>7}",
+            "case", "slots", "per-slot ms", "batch ms", "ratio"
         );
+        for c in mp["cases"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                o,
+                "                                 {:<38} {:>7} {:>11} {:>9} {:>7}",
+                c["case"].as_str().unwrap_or("?"),
+                s(&c["slots_written"]),
+                f(&c["per_slot_update_ms_median"], 3),
+                f(&c["batch_update_ms_median"], 3),
+                f(&c["per_slot_over_batch_ratio_median"], 2)
+            );
+        }
+        if let Some(d) = mp["daemon_today"].as_str() {
+            let _ = writeln!(o, "   the daemon today: {d}");
+        }
+        if let Some(e) = mp["error"].as_str() {
+            let _ = writeln!(o, "   map push not measured: {e}");
+        }
+    } else {
+        let _ = writeln!(o, "\n2. Maglev: not run");
     }
-    if let Some(e) = mp["error"].as_str() {
-        let _ = writeln!(o, "   map push not measured: {e}");
-    }
-
     let fw = &report["forwarding"];
-    let _ = writeln!(
+    if ran(fw) {
+        let _ = writeln!(
         o,
         "\n3. UDP forwarding on the lab ({} B frames, {} flows, {} rounds x {} ms unpaced, {} fast)",
         s(&fw["frame_bytes"]), s(&fw["flows"]), s(&fw["rounds"]), s(&fw["run_ms"]), s(&fw["fast_rounds"])
     );
-    let _ = writeln!(
-        o,
-        "   {:<15} {:>12} {:>15} {:>22}",
-        "variant", "CPU ns/pkt", "LB ns/pkt (net)", "max pps (<0.1% loss)"
-    );
-    for name in crate::bench_fwd::VARIANTS {
-        let v = &fw["variants"][name];
         let _ = writeln!(
             o,
-            "   {:<15} {:>12} {:>15} {:>22}",
-            name,
-            f(&v["cpu_ns_per_packet_median"], 0),
-            f(&v["net_of_direct_ns_per_packet_median"], 0),
-            f(&v["max_rate_pps_below_0_1pct_loss"], 0)
+            "   {:<14} {:>11} {:>13} {:>13} {:>21}",
+            "variant", "CPU ns/pkt", "- l2_bounce", "- direct", "max pps (<0.1% loss)"
         );
+        for name in crate::bench_fwd::VARIANTS {
+            let v = &fw["variants"][name];
+            let _ = writeln!(
+                o,
+                "   {:<14} {:>11} {:>13} {:>13} {:>21}",
+                name,
+                f(&v["cpu_ns_per_packet_median"], 0),
+                f(&v["minus_l2_bounce_ns_per_packet_median"], 0),
+                f(&v["minus_direct_ns_per_packet_median"], 0),
+                f(&v["max_rate_pps_below_0_1pct_loss"], 0)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "   mqlb / nftables DNAT: LB processing {} (per round {}), LB hop {}, max rate {}",
+            f(&fw["mqlb_over_nft_processing_ratio_median"], 3),
+            s(&fw["mqlb_over_nft_processing_ratio_per_round"]),
+            f(&fw["mqlb_over_nft_hop_ratio_median"], 3),
+            f(&fw["mqlb_over_nft_max_rate_ratio"], 2)
+        );
+        if let Some(e) = fw["error"].as_str() {
+            let _ = writeln!(o, "   not measured: {e}");
+        }
+    } else {
+        let _ = writeln!(o, "\n3. UDP forwarding: not run");
     }
-    let _ = writeln!(
-        o,
-        "   mqlb / nftables: CPU per packet {} (per round {}), max rate {}",
-        f(&fw["mqlb_over_nft_cost_ratio_median"], 3),
-        s(&fw["mqlb_over_nft_cost_ratio_per_round"]),
-        f(&fw["mqlb_over_nft_max_rate_ratio"], 2)
-    );
-    if let Some(e) = fw["error"].as_str() {
-        let _ = writeln!(o, "   not measured: {e}");
-    }
-
     let am = &report["amqp"];
-    let _ = writeln!(
+    if ran(am) {
+        let _ = writeln!(
         o,
         "\n4. AMQP connections ({} client threads, {} rounds x {} ms; connect + protocol header + Connection.Start + close)",
         s(&am["client_threads"]), s(&am["rounds"]), s(&am["run_ms"])
     );
-    let _ = writeln!(
-        o,
-        "   {:<10} {:>10} {:>10} {:>10} {:>8}",
-        "variant", "conn/s", "p50 us", "p99 us", "errors"
-    );
-    for name in crate::bench_conn::VARIANTS {
-        let v = &am["variants"][name];
         let _ = writeln!(
             o,
-            "   {:<10} {:>10} {:>10} {:>10} {:>8}",
-            name,
-            f(&v["connections_per_s_median"], 0),
-            f(&v["handshake_latency_us_p50"], 0),
-            f(&v["handshake_latency_us_p99"], 0),
-            s(&v["errors"])
+            "   {:<10} {:>10} {:>12} {:>10} {:>10} {:>8}",
+            "variant", "conn/s", "CPU us/conn", "p50 us", "p99 us", "errors"
         );
+        for name in crate::bench_conn::VARIANTS {
+            let v = &am["variants"][name];
+            let _ = writeln!(
+                o,
+                "   {:<10} {:>10} {:>12} {:>10} {:>10} {:>8}",
+                name,
+                f(&v["connections_per_s_median"], 0),
+                f(&v["cpu_us_per_connection_median"], 1),
+                f(&v["handshake_latency_us_p50"], 0),
+                f(&v["handshake_latency_us_p99"], 0),
+                s(&v["errors"])
+            );
+        }
+        let _ = writeln!(
+            o,
+            "   rate mqlb / HAProxy {}, mqlb / direct {}; CPU per connection HAProxy / mqlb {}, direct / mqlb {}   ({})",
+            f(&am["mqlb_over_haproxy_rate_ratio_median"], 2),
+            f(&am["mqlb_over_direct_rate_ratio_median"], 2),
+            f(&am["haproxy_over_mqlb_cpu_per_connection_ratio_median"], 2),
+            f(&am["direct_over_mqlb_cpu_per_connection_ratio_median"], 2),
+            am["haproxy"].as_str().unwrap_or("HAProxy ?")
+        );
+        if let Some(e) = am["error"].as_str() {
+            let _ = writeln!(o, "   not measured: {e}");
+        }
+    } else {
+        let _ = writeln!(o, "\n4. AMQP connections: not run");
     }
-    let _ = writeln!(
-        o,
-        "   mqlb / HAProxy {}   mqlb / direct {}   ({})",
-        f(&am["mqlb_over_haproxy_rate_ratio_median"], 2),
-        f(&am["mqlb_over_direct_rate_ratio_median"], 2),
-        am["haproxy"].as_str().unwrap_or("HAProxy ?")
-    );
-    if let Some(e) = am["error"].as_str() {
-        let _ = writeln!(o, "   not measured: {e}");
-    }
-
     let cp = &report["control_plane"];
-    let bc = &cp["backend_changes"];
-    let _ = writeln!(
+    if ran(cp) {
+        let bc = &cp["backend_changes"];
+        let _ = writeln!(
+            o,
+            "\n5. Control plane ({} add/del cycles, {} new flows/s, resolution {} ms)",
+            s(&bc["cycles"]),
+            s(&bc["new_flows_per_s"]),
+            s(&bc["resolution_ms"])
+        );
+        let _ = writeln!(
         o,
-        "\n5. Control plane ({} add/del cycles, {} new flows/s, resolution {} ms)",
-        s(&bc["cycles"]), s(&bc["new_flows_per_s"]), s(&bc["resolution_ms"])
-    );
-    let _ = writeln!(
-        o,
-        "   `backend add` returned -> first new flow on it: median {} ms, max {} ms (CLI round trip {} ms)",
+        "   `backend add` returned -> first new flow on it: median {} ms, max {} ms (CLI round trip {} ms, a no-op CLI call {} ms)",
         f(&bc["add_to_first_new_flow_ms_median"], 2),
         f(&bc["add_to_first_new_flow_ms_max"], 2),
-        f(&bc["add_cli_round_trip_ms_median"], 2)
+        f(&bc["add_cli_round_trip_ms_median"], 2),
+        f(&bc["noop_cli_round_trip_ms_median"], 2)
     );
-    let _ = writeln!(
-        o,
-        "   `backend del` returned -> last new flow on it:  median {} ms, max {} ms",
-        f(&bc["del_to_last_new_flow_ms_median"], 2),
-        f(&bc["del_to_last_new_flow_ms_max"], 2)
-    );
-    if let Some(e) = bc["error"].as_str() {
-        let _ = writeln!(o, "   not measured: {e}");
-    }
-    let hc = &cp["health_check"];
-    if hc["measured"].as_bool() == Some(true) {
         let _ = writeln!(
             o,
-            "   health-check failure -> last new flow on it: {} ms",
-            f(&hc["failure_to_last_new_flow_ms"], 1)
+            "   `backend del` returned -> last new flow on it:  median {} ms, max {} ms",
+            f(&bc["del_to_last_new_flow_ms_median"], 2),
+            f(&bc["del_to_last_new_flow_ms_max"], 2)
         );
+        if let Some(e) = bc["error"].as_str() {
+            let _ = writeln!(o, "   not measured: {e}");
+        }
+        let hc = &cp["health_check"];
+        match hc["configs"].as_object() {
+            Some(configs) => {
+                for (label, c) in configs {
+                    if c["measured"].as_bool() == Some(true) {
+                        let _ = writeln!(
+                            o,
+                            "   health-check failure -> last new flow on it: {} ms ({}: {})",
+                            f(&c["failure_to_last_new_flow_ms"], 1),
+                            label,
+                            c["check"].as_str().unwrap_or("?")
+                        );
+                    } else {
+                        let _ = writeln!(
+                            o,
+                            "   health-check failure ({label}): not measured ({})",
+                            c["reason"].as_str().unwrap_or("?")
+                        );
+                    }
+                }
+            }
+            None => {
+                let _ = writeln!(
+                    o,
+                    "   health-check failure: not measured ({})",
+                    hc["reason"].as_str().unwrap_or("?")
+                );
+            }
+        }
     } else {
-        let _ = writeln!(
-            o,
-            "   health-check failure: not measured ({})",
-            hc["reason"].as_str().unwrap_or("?")
-        );
+        let _ = writeln!(o, "\n5. Control plane: not run");
     }
-
     let mem = &report["maps_memory"];
-    let _ = writeln!(
-        o,
-        "\n6. Maps: {} MiB in all (bpftool memlock); conntrack {} B/flow, {} MiB for 1M flows",
-        f(&mem["total_mib"], 1),
-        f(&mem["ct4_bytes_per_entry"], 1),
-        f(&mem["ct4_mib_for_1m_flows"], 1)
-    );
-    for m in mem["maps"].as_array().into_iter().flatten() {
+    if ran(mem) {
         let _ = writeln!(
             o,
-            "   {:<12} {:<16} {:>9} entries {:>12} B",
-            m["name"].as_str().unwrap_or("?"),
-            m["type"].as_str().unwrap_or("?"),
-            s(&m["max_entries"]),
-            s(&m["memlock_bytes"])
+            "\n6. Maps: {} MiB in all (bpftool memlock); conntrack {} B/flow, {} MiB for 1M flows",
+            f(&mem["total_mib"], 1),
+            f(&mem["ct4_bytes_per_entry"], 1),
+            f(&mem["ct4_mib_for_1m_flows"], 1)
         );
+        for m in mem["maps"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                o,
+                "   {:<12} {:<16} {:>9} entries {:>12} B",
+                m["name"].as_str().unwrap_or("?"),
+                m["type"].as_str().unwrap_or("?"),
+                s(&m["max_entries"]),
+                s(&m["memlock_bytes"])
+            );
+        }
+    } else {
+        let _ = writeln!(o, "\n6. Maps memory: not run");
     }
-
     let _ = writeln!(o, "\nTargets (reported, not asserted)");
     for t in report["targets"].as_array().into_iter().flatten() {
         let met = match t["met"].as_bool() {
@@ -600,8 +748,14 @@ pub fn chart(report: &Value, path: &Path) -> Result<()> {
         }
     };
     push(
-        "fwd CPU/pkt mqlb ÷ nftables (target ≤ 0.33)",
-        &fw["mqlb_over_nft_cost_ratio_median"],
+        "fwd LB processing CPU/pkt mqlb ÷ nftables (≤ 0.33)",
+        &fw["mqlb_over_nft_processing_ratio_median"],
+        Some(1.0 / 3.0),
+        false,
+    );
+    push(
+        "fwd LB hop CPU/pkt mqlb ÷ nftables (≤ 0.33)",
+        &fw["mqlb_over_nft_hop_ratio_median"],
         Some(1.0 / 3.0),
         false,
     );

@@ -123,6 +123,31 @@ pub fn thread_cpu_ns() -> u64 {
     clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 
+/// CPU time of this whole process, every thread (also exited ones), in ns
+/// (`getrusage(RUSAGE_SELF)`, µs resolution).
+pub fn process_cpu_ns() -> u64 {
+    // SAFETY: getrusage writes into the struct we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    (us(ru.ru_utime) + us(ru.ru_stime)) * 1000
+}
+
+/// CPU time of every thread of process `pid` (ns, `/proc/PID/task/*/schedstat`).
+pub fn process_sched_ns(pid: u32) -> u64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let tids: Vec<u32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.iter()
+        .filter_map(|t| std::fs::read_to_string(format!("/proc/{pid}/task/{t}/schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// PIDs of the `ksoftirqd/N` threads.
 pub fn ksoftirqd_pids() -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -216,6 +241,10 @@ pub struct BgProc {
 }
 
 impl BgProc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts `program args` in namespace `ns`, output to `log`; it gets
     /// SIGTERM should the bench die without its Drop.
     pub fn spawn(ns: &str, program: &str, args: &[&str], log: &Path) -> Result<BgProc> {
@@ -279,10 +308,11 @@ impl Drop for BgProc {
     }
 }
 
-/// A second load-balancer host on the lab's bridge, without XDP: where the
-/// baselines run (nftables DNAT, HAProxy), so they pay nothing for mqlb's
-/// program. Namespace `mqlab-{lab id}-n` (removed on drop, and by the next
-/// lab's stale cleanup should the bench be killed), address `10.X.0.3`.
+/// Another load-balancer host on the lab's bridge, without XDP: where the
+/// baselines run (nftables DNAT and HAProxy on one, an L2 bounce on
+/// another), so they pay nothing for mqlb's program. Namespace
+/// `mqlab-{lab id}-{role}` (removed on drop, and by the next lab's stale
+/// cleanup should the bench be killed), address `10.X.0.{host}`.
 pub struct PlainLb {
     pub node: Node,
     pub mac: [u8; 6],
@@ -292,10 +322,11 @@ pub struct PlainLb {
 }
 
 impl PlainLb {
-    pub fn create(lab: &Lab) -> Result<PlainLb> {
+    /// `role`: one letter not used by the lab (`n`, `m`); `host`: 3..=9.
+    pub fn create(lab: &Lab, name: &str, role: char, host: u8) -> Result<PlainLb> {
         let bridge_ns = format!("{NETNS_PREFIX}{}-br", lab.id);
         let iface = format!(
-            "{}n",
+            "{}{role}",
             lab.lb
                 .iface
                 .strip_suffix('l')
@@ -303,10 +334,10 @@ impl PlainLb {
         );
         let o = lab.lb.addr.octets();
         let node = Node {
-            name: "plain-lb".into(),
-            ns: format!("{NETNS_PREFIX}{}-n", lab.id),
+            name: name.into(),
+            ns: format!("{NETNS_PREFIX}{}-{role}", lab.id),
             iface: iface.clone(),
-            addr: Ipv4Addr::new(o[0], o[1], o[2], 3),
+            addr: Ipv4Addr::new(o[0], o[1], o[2], host),
         };
         let ns = Netns::create(&node.ns)?;
         let port = format!("{iface}p");
@@ -405,6 +436,7 @@ fn set_ip_checksum(f: &mut [u8]) {
 /// it on a thread inside the interface's namespace.
 pub struct RawSender {
     fd: OwnedFd,
+    softirqd: Vec<u32>,
 }
 
 /// What one paced send did.
@@ -457,7 +489,10 @@ impl RawSender {
                 &one as *const _ as *const libc::c_void,
                 std::mem::size_of::<libc::c_int>() as u32,
             );
-            Ok(RawSender { fd })
+            Ok(RawSender {
+                fd,
+                softirqd: ksoftirqd_pids(),
+            })
         }
     }
 
@@ -471,7 +506,7 @@ impl RawSender {
         stop: Option<&AtomicBool>,
         mut fill: impl FnMut(u64, &mut [u8]) -> usize,
     ) -> SendStats {
-        let softirqd = ksoftirqd_pids();
+        let softirqd = &self.softirqd;
         // Precise sleeps for the pacing (the default slack is 50 µs).
         // SAFETY: prctl on the calling thread only.
         unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64) };
@@ -480,7 +515,7 @@ impl RawSender {
         // SAFETY: zeroed mmsghdr is a valid empty message header.
         let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
         let cpu0 = thread_cpu_ns();
-        let soft0 = sched_ns(&softirqd);
+        let soft0 = sched_ns(softirqd);
         let start = Instant::now();
         let mut sent = 0u64;
         let mut errors = 0u64;
@@ -544,7 +579,7 @@ impl RawSender {
             sent,
             elapsed: start.elapsed(),
             thread_cpu_ns: thread_cpu_ns() - cpu0,
-            softirqd_ns: sched_ns(&softirqd).saturating_sub(soft0),
+            softirqd_ns: sched_ns(softirqd).saturating_sub(soft0),
         }
     }
 }

@@ -1002,3 +1002,42 @@ fn uncached_next_hop_falls_back_to_the_fib() {
         assert_eq!(&out[14 + 26..14 + 28], &1480u16.to_be_bytes());
     });
 }
+
+#[test]
+fn flows_of_a_down_backend_move_to_a_healthy_one() {
+    if !require_root("flows_of_a_down_backend_move_to_a_healthy_one") {
+        return;
+    }
+    let (mut lb, _, _) = amqp_lab();
+    let media_members = vec![(1, 100), (2, 100), (3, 100)];
+    lb.service(2, 5004, PROTO_UDP, HashMode::Rtp, &media_members, 60);
+    // Flows pinned to backend 2, then backend 2 fails its health check: the
+    // daemon marks it DOWN and rebuilds both rings without it.
+    let tcp_flow = flow(CLIENT, 46000, 5672, PROTO_TCP);
+    let udp_flow = flow(CLIENT, 46002, 5004, PROTO_UDP);
+    let now = monotonic_ns();
+    lb.set_ct(&tcp_flow, CtEntry { backend: 2, _pad: 0, seen_ns: 0 });
+    lb.set_ct(&udp_flow, CtEntry { backend: 2, _pad: 0, seen_ns: now });
+    lb.backend(2, BACKENDS[1], TEST_RUN_IFINDEX, 1500, backend_state::DOWN);
+    let healthy = vec![(1, 100), (3, 100)];
+    let amqp = lb.service(1, 5672, PROTO_TCP, HashMode::FiveTuple, &healthy, 60);
+    let media = lb.service(2, 5004, PROTO_UDP, HashMode::Rtp, &healthy, 60);
+
+    let svc_before = lb.traffic("SVC_STATS", 2);
+    let rtp = udp_frame(CLIENT, 46002, 5004, b"\x80\x60rtp");
+    let want = predict(&media, &healthy, &udp_flow);
+    assert_ne!(want, 2);
+    let (action, out) = lb.run(&rtp);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(out, expect_ipip(&rtp, want), "the media flow continues on a healthy relay");
+    assert_eq!(lb.ct(&udp_flow).map(|e| e.backend), Some(want), "conntrack follows it");
+    assert_eq!(lb.traffic("SVC_STATS", 2).new_flows - svc_before.new_flows, 1, "counted as a new flow of the service");
+    let (_, again) = lb.run(&rtp);
+    assert_eq!(again, out, "and stays there");
+
+    let ack = tcp_frame(CLIENT, 46000, 5672, ACK | PSH, b"x");
+    let want = predict(&amqp, &healthy, &tcp_flow);
+    let (action, out) = lb.run(&ack);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(out, expect_ipip(&ack, want), "TCP is re-hashed: the new backend resets it, the client fails fast");
+}

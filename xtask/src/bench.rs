@@ -65,7 +65,10 @@ pub fn bench_packages() -> Result<()> {
     run_step("apt-get update", &mut apt(&["update", "-q"]))?;
     let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
     install.args(&missing);
-    run_step(&format!("apt-get install {}", missing.join(" ")), &mut install)?;
+    run_step(
+        &format!("apt-get install {}", missing.join(" ")),
+        &mut install,
+    )?;
     for (file, pkg) in BENCH_PACKAGES {
         if missing.contains(pkg) {
             ensure!(

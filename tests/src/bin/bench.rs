@@ -112,6 +112,25 @@ fn today() -> String {
         .unwrap_or_default()
 }
 
+/// The empty XDP program's cost per call in part 1 is the run's gauge of
+/// the VM's speed state (ENV-NOTES: ~43 ns at repeat 1 in the fast state).
+fn speed_state(pc: &Value) -> Value {
+    const FAST_FLOOR_NS: f64 = 43.0;
+    let floor = pc["paths"]
+        .as_array()
+        .and_then(|p| p.first())
+        .and_then(|p| p["floor_ns_median"].as_f64());
+    match floor {
+        Some(f) => json!({
+            "empty_program_ns_per_call": f,
+            "fast_state_reference_ns": FAST_FLOOR_NS,
+            "slowdown_vs_fast_state": (f / FAST_FLOOR_NS * 100.0).round() / 100.0,
+            "state": if f <= 1.25 * FAST_FLOOR_NS { "fast" } else { "slow" },
+        }),
+        None => json!({ "state": "unknown (part 1 not run)" }),
+    }
+}
+
 /// A part's figures, or `{"error": ...}` so the rest of the report stands
 /// (an interruption ends the run instead).
 fn part(name: &str, r: Result<Value>) -> Result<Value> {
@@ -155,6 +174,8 @@ fn run() -> Result<()> {
             args.prog_cost_text.as_deref(),
         );
     }
+    report["program_cost"]["own_code_ns_median"] = bench_report::own_code(&report["program_cost"]);
+    report["speed_state"] = speed_state(&report["program_cost"]);
     if want(2) {
         step("part 2: Maglev tables");
         let mut mg = part("maglev", bench_maglev::tables(if q { 3 } else { 7 }))?;
@@ -173,20 +194,28 @@ fn run() -> Result<()> {
             backends: 3,
             mode: args.mode,
         })?;
-        let mut plain = PlainLb::create(&lab).context("adding the plain LB host to the lab")?;
+        let mut plain = PlainLb::create(&lab, "plain-lb", 'n', 3)
+            .context("adding the plain LB host to the lab")?;
         let workdir = tempfile::Builder::new()
-            .prefix(&format!("mqlb-bench-{}-", std::process::id()))
+            // The lab's prefix: a killed run's dir goes with the next lab's cleanup.
+            .prefix(&format!(
+                "{}{}-bench-",
+                mqlb_tests::lab::TMP_PREFIX,
+                std::process::id()
+            ))
             .tempdir()?;
         if want(3) {
             check_interrupted()?;
             step("part 3: UDP forwarding, mqlb vs nftables DNAT vs direct");
-            let (rounds, ms) = if q { (3, 300) } else { (7, 500) };
-            report["forwarding"] = part("forwarding", bench_fwd::run(&lab, &plain, rounds, ms))?;
+            let (rounds, ms) = if q { (3, 300) } else { (11, 500) };
+            let fwd = PlainLb::create(&lab, "bounce", 'm', 4)
+                .and_then(|bounce| bench_fwd::run(&lab, &plain, &bounce, rounds, ms));
+            report["forwarding"] = part("forwarding", fwd)?;
         }
         if want(4) {
             check_interrupted()?;
             step("part 4: AMQP connections, mqlb vs HAProxy vs direct");
-            let (rounds, ms, lat) = if q { (2, 1000, 200) } else { (3, 2000, 600) };
+            let (rounds, ms, lat) = if q { (2, 1000, 200) } else { (5, 2000, 1000) };
             report["amqp"] = part(
                 "amqp",
                 bench_conn::run(&lab, &mut plain, rounds, ms, 16, lat, workdir.path()),
