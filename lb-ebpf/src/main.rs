@@ -24,7 +24,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    backend_flags, ct_is_live,
+    backend_flags, backend_keeps_flows, ct_is_live,
     hash::{flow_hash_v4, ring_slot, tcp_syn_rehashes},
     packet::{
         icmp4_frag_needed_hdr, icmp4_frag_needed_ip, ipip_client_mtu, ipip_fits,
@@ -303,9 +303,14 @@ fn pick_backend(
                 }
                 let id = ct.backend;
                 let backend = backend(id)?;
-                count(Counter::CtHit);
-                count_traffic(&BE_STATS, id, pkt.total_len, false);
-                return Ok(backend);
+                // A backend that failed its health check no longer pins
+                // flows: UDP moves to a healthy one, TCP is re-hashed so the
+                // client gets a reset at once instead of waiting on a dead peer.
+                if backend_keeps_flows(backend.state) {
+                    count(Counter::CtHit);
+                    count_traffic(&BE_STATS, id, pkt.total_len, false);
+                    return Ok(backend);
+                }
             }
         }
     }
@@ -337,6 +342,9 @@ fn pick_backend(
     // the next packet a second ring lookup, which picks the same backend.
     let _ = CT4.insert(f, &entry, 0);
     count_traffic(&BE_STATS, id, pkt.total_len, true);
+    if let Some(t) = SVC_STATS.get_ptr_mut(svc.id) {
+        unsafe { (*t).new_flows += 1 };
+    }
     Ok(backend)
 }
 

@@ -1016,8 +1016,22 @@ fn flows_of_a_down_backend_move_to_a_healthy_one() {
     let tcp_flow = flow(CLIENT, 46000, 5672, PROTO_TCP);
     let udp_flow = flow(CLIENT, 46002, 5004, PROTO_UDP);
     let now = monotonic_ns();
-    lb.set_ct(&tcp_flow, CtEntry { backend: 2, _pad: 0, seen_ns: 0 });
-    lb.set_ct(&udp_flow, CtEntry { backend: 2, _pad: 0, seen_ns: now });
+    lb.set_ct(
+        &tcp_flow,
+        CtEntry {
+            backend: 2,
+            _pad: 0,
+            seen_ns: 0,
+        },
+    );
+    lb.set_ct(
+        &udp_flow,
+        CtEntry {
+            backend: 2,
+            _pad: 0,
+            seen_ns: now,
+        },
+    );
     lb.backend(2, BACKENDS[1], TEST_RUN_IFINDEX, 1500, backend_state::DOWN);
     let healthy = vec![(1, 100), (3, 100)];
     let amqp = lb.service(1, 5672, PROTO_TCP, HashMode::FiveTuple, &healthy, 60);
@@ -1029,9 +1043,21 @@ fn flows_of_a_down_backend_move_to_a_healthy_one() {
     assert_ne!(want, 2);
     let (action, out) = lb.run(&rtp);
     assert_eq!(action, XDP_TX);
-    assert_eq!(out, expect_ipip(&rtp, want), "the media flow continues on a healthy relay");
-    assert_eq!(lb.ct(&udp_flow).map(|e| e.backend), Some(want), "conntrack follows it");
-    assert_eq!(lb.traffic("SVC_STATS", 2).new_flows - svc_before.new_flows, 1, "counted as a new flow of the service");
+    assert_eq!(
+        out,
+        expect_ipip(&rtp, want),
+        "the media flow continues on a healthy relay"
+    );
+    assert_eq!(
+        lb.ct(&udp_flow).map(|e| e.backend),
+        Some(want),
+        "conntrack follows it"
+    );
+    assert_eq!(
+        lb.traffic("SVC_STATS", 2).new_flows - svc_before.new_flows,
+        1,
+        "counted as a new flow of the service"
+    );
     let (_, again) = lb.run(&rtp);
     assert_eq!(again, out, "and stays there");
 
@@ -1039,5 +1065,9 @@ fn flows_of_a_down_backend_move_to_a_healthy_one() {
     let want = predict(&amqp, &healthy, &tcp_flow);
     let (action, out) = lb.run(&ack);
     assert_eq!(action, XDP_TX);
-    assert_eq!(out, expect_ipip(&ack, want), "TCP is re-hashed: the new backend resets it, the client fails fast");
+    assert_eq!(
+        out,
+        expect_ipip(&ack, want),
+        "TCP is re-hashed: the new backend resets it, the client fails fast"
+    );
 }
