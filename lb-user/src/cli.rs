@@ -67,7 +67,7 @@ pub struct UpArgs {
     /// Interface to load balance on
     #[arg(long, value_name = "IF")]
     pub iface: String,
-    /// TOML file with daemon settings: mode, socket, state_dir, ct_entries, seed (flags win)
+    /// TOML file with daemon settings: mode, socket, state_dir, ct_entries, seed, metrics (flags win)
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// XDP mode: auto tries native then falls back to skb [default: auto]
@@ -82,6 +82,9 @@ pub struct UpArgs {
     /// Flow hash seed, the same on every LB of a cluster (saved) [default: the saved seed, else 0]
     #[arg(long, value_name = "N")]
     pub seed: Option<u32>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9433) [default: off]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -323,6 +326,7 @@ pub fn up_options(args: &UpArgs, socket: Option<&Path>) -> Result<UpOptions, Cli
             .unwrap_or_else(|| Path::new(DEFAULT_STATE_ROOT).join(&args.iface)),
         ct_entries: args.ct_entries.or(file.ct_entries),
         seed: args.seed.or(file.seed),
+        metrics: args.metrics.or(file.metrics),
     })
 }
 
@@ -880,6 +884,41 @@ mod tests {
         std::fs::write(&cfg, "bogus = 1\n").unwrap();
         let err = up_options(&args, None).unwrap_err().to_string();
         assert!(err.starts_with("cannot read config file"), "{err}");
+    }
+
+    #[test]
+    fn up_metrics_is_off_unless_given() {
+        let up = |argv: &[&str]| {
+            let Command::Up(args) = parse(argv).unwrap().command else {
+                panic!("not up")
+            };
+            up_options(&args, None).unwrap()
+        };
+        assert_eq!(up(&["up", "--iface", "eth1"]).metrics, None);
+        let o = up(&["up", "--iface", "eth1", "--metrics", "127.0.0.1:9433"]);
+        assert_eq!(o.metrics, Some("127.0.0.1:9433".parse().unwrap()));
+        assert!(parse(&["up", "--iface", "x", "--metrics", "localhost"]).is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("mqlb.toml");
+        std::fs::write(&cfg, "metrics = \"[::1]:9433\"\n").unwrap();
+        let path = cfg.to_str().unwrap();
+        let o = up(&["up", "--iface", "eth1", "--config", path]);
+        assert_eq!(o.metrics, Some("[::1]:9433".parse().unwrap()));
+        let o = up(&[
+            "up",
+            "--iface",
+            "eth1",
+            "--config",
+            path,
+            "--metrics",
+            "0.0.0.0:1",
+        ]);
+        assert_eq!(
+            o.metrics,
+            Some("0.0.0.0:1".parse().unwrap()),
+            "the flag wins"
+        );
     }
 
     #[test]

@@ -184,9 +184,15 @@ impl Core {
     /// Writes whatever the maps lack. After a failed apply, re-reads them first.
     pub fn sync(&mut self) -> Result<(), DataplaneError> {
         if self.resync {
+            let t = std::time::Instant::now();
             self.applied = read_applied(&*self.dp, &self.state)?;
             self.resync = false;
+            debug!(
+                elapsed_us = t.elapsed().as_micros() as u64,
+                "maps read back"
+            );
         }
+        let t = std::time::Instant::now();
         let p = plan(
             &self.state,
             &self.plan_health(),
@@ -194,13 +200,19 @@ impl Core {
             self.default_src,
             &self.applied,
         );
+        let plan_us = t.elapsed().as_micros() as u64;
         if p.is_empty() {
+            debug!(plan_us, "maps up to date");
             return Ok(());
         }
-        debug!(plan = %p.summary(), "writing maps");
+        let t = std::time::Instant::now();
         match apply(&mut *self.dp, &p) {
             Ok(()) => {
                 self.applied.record(&p);
+                debug!(
+                    plan = %p.summary(), plan_us, write_us = t.elapsed().as_micros() as u64,
+                    "maps written"
+                );
                 Ok(())
             }
             Err(e) => {
@@ -219,7 +231,12 @@ impl Core {
         let mut next = self.state.clone();
         let out = f(&mut next)?;
         if next != self.state {
+            let t = std::time::Instant::now();
             self.store.save(&next).map_err(CoreError::Store)?;
+            debug!(
+                elapsed_us = t.elapsed().as_micros() as u64,
+                "state saved (file and directory fsync)"
+            );
             self.state = next;
             self.refresh_health();
             self.changes.send_modify(|n| *n += 1);
@@ -768,6 +785,8 @@ pub struct UpOptions {
     pub ct_entries: Option<u32>,
     /// `None`: keep the saved seed.
     pub seed: Option<u32>,
+    /// Serve `/metrics` for Prometheus on this TCP address.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// `mqlb up --config FILE`: daemon settings (flags win over the file).
@@ -779,6 +798,7 @@ pub struct ConfigFile {
     pub state_dir: Option<PathBuf>,
     pub ct_entries: Option<u32>,
     pub seed: Option<u32>,
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Errors that stop `mqlb up`.
@@ -798,6 +818,12 @@ pub enum DaemonError {
     Resolver(#[source] nexthop::NextHopError),
     #[error("another mqlb daemon already serves {path}; stop it or pass another --socket")]
     SocketInUse { path: PathBuf },
+    #[error("cannot serve metrics on {addr}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("another mqlb daemon already runs for {iface} (it holds {path})")]
     Locked { iface: String, path: PathBuf },
     #[error("cannot {action} {path}")]
@@ -882,6 +908,14 @@ pub async fn run(opts: UpOptions) -> Result<(), DaemonError> {
     // touches the interface; requests wait in the backlog until we serve.
     let listener = bind_socket(&opts.socket).await?;
     let _socket = RemoveOnDrop(opts.socket.clone());
+    let metrics_listener = match opts.metrics {
+        Some(addr) => Some(
+            crate::metrics::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
 
     if loader::ensure_bpffs()? {
         info!("mounted bpffs at {}", loader::BPFFS);
@@ -947,6 +981,18 @@ pub async fn run(opts: UpOptions) -> Result<(), DaemonError> {
     ));
 
     let health_task = tokio::spawn(health::run(shared.clone()));
+    let metrics_tasks = metrics_listener.map(|listener| {
+        let ct = Arc::new(crate::metrics::CtCount::default());
+        let pin = loaded.pins.map(lb_common::names::CT4);
+        (
+            tokio::spawn(crate::metrics::count_conntrack(
+                pin,
+                loaded.ct_entries,
+                ct.clone(),
+            )),
+            tokio::spawn(crate::metrics::serve(listener, shared.clone(), ct)),
+        )
+    });
 
     info!(socket = %opts.socket.display(), "serving the API");
     let mut stop = shared.shutdown.subscribe();
@@ -969,6 +1015,10 @@ pub async fn run(opts: UpOptions) -> Result<(), DaemonError> {
         .await;
     resolver_task.abort();
     health_task.abort();
+    if let Some((count, serve)) = metrics_tasks {
+        count.abort();
+        serve.abort();
+    }
     served.map_err(io_err("serve on", &opts.socket))?;
     info!(
         iface = %opts.iface,

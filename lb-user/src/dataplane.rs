@@ -3,7 +3,10 @@
 //! order; [`read_applied`] reads the maps back into an [`Applied`] at start.
 //! Loading, pinning and attaching live in [`crate::loader`].
 
-use std::collections::{BTreeMap, HashMap as StdHashMap};
+use std::{
+    collections::{BTreeMap, HashMap as StdHashMap},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+};
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
 use lb_common::{
@@ -55,6 +58,14 @@ pub trait Dataplane: Send {
     fn read_ring(&self, service: u32, half: u32, len: u32) -> Result<Vec<u32>, DataplaneError>;
     fn put_backend(&mut self, id: u32, entry: &MapBackend) -> Result<(), DataplaneError>;
     fn put_ring(&mut self, index: u32, backend: u32) -> Result<(), DataplaneError>;
+    /// Writes `RINGS[indexes[i]] = backends[i]` for every `i`; by default one
+    /// [`Dataplane::put_ring`] per slot.
+    fn put_rings(&mut self, indexes: &[u32], backends: &[u32]) -> Result<(), DataplaneError> {
+        for (&i, &b) in indexes.iter().zip(backends) {
+            self.put_ring(i, b)?;
+        }
+        Ok(())
+    }
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue)
         -> Result<(), DataplaneError>;
     fn del_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError>;
@@ -76,8 +87,10 @@ pub fn apply(dp: &mut dyn Dataplane, plan: &Plan) -> Result<(), DataplaneError> 
     for (id, entry) in &plan.backends {
         dp.put_backend(*id, entry)?;
     }
-    for w in &plan.ring_writes {
-        dp.put_ring(w.index(), w.backend)?;
+    if !plan.ring_writes.is_empty() {
+        let indexes: Vec<u32> = plan.ring_writes.iter().map(|w| w.index()).collect();
+        let backends: Vec<u32> = plan.ring_writes.iter().map(|w| w.backend).collect();
+        dp.put_rings(&indexes, &backends)?;
     }
     for (key, value) in &plan.services {
         dp.put_service(key, value)?;
@@ -125,6 +138,11 @@ fn sum_traffic(values: &PerCpuValues<Traffic>) -> Traffic {
 pub struct KernelDataplane {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     rings: Array<MapData, u32>,
+    /// A duplicate of `rings`' fd for `BPF_MAP_UPDATE_BATCH` (aya 0.14 has no
+    /// batch API and does not expose a typed map's fd).
+    rings_fd: OwnedFd,
+    /// The kernel refused a batch once: write slot by slot from then on.
+    no_batch: bool,
     backends: Array<MapData, MapBackend>,
     stats: PerCpuArray<MapData, u64>,
     drops: PerCpuArray<MapData, u64>,
@@ -146,9 +164,19 @@ impl KernelDataplane {
             T::try_from(map).map_err(map_err(name, "open"))
         }
         let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
+        let rings_fd = match ebpf.map(names::RINGS) {
+            Some(aya::maps::Map::Array(data)) => data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| map_err(names::RINGS, "open")(MapError::from(e)))?,
+            _ => return Err(DataplaneError::MissingMap { map: names::RINGS }),
+        };
         Ok(KernelDataplane {
             services: take(ebpf, names::SERVICES)?,
             rings: take(ebpf, names::RINGS)?,
+            rings_fd,
+            no_batch: false,
             backends: take(ebpf, names::BACKENDS)?,
             stats: take(ebpf, names::STATS)?,
             drops: take(ebpf, names::DROPS)?,
@@ -202,6 +230,26 @@ impl Dataplane for KernelDataplane {
         self.rings
             .set(index, backend, 0)
             .map_err(map_err(names::RINGS, "write"))
+    }
+
+    fn put_rings(&mut self, indexes: &[u32], backends: &[u32]) -> Result<(), DataplaneError> {
+        assert_eq!(indexes.len(), backends.len());
+        if !self.no_batch && indexes.len() > 1 {
+            match update_batch(self.rings_fd.as_raw_fd(), indexes, backends) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error().is_some_and(batch_unsupported) => {
+                    tracing::debug!(error = %e, "BPF_MAP_UPDATE_BATCH refused; writing RINGS slot by slot");
+                    self.no_batch = true;
+                }
+                Err(e) => {
+                    return Err(map_err(names::RINGS, "batch write")(MapError::from(e)));
+                }
+            }
+        }
+        for (&i, &b) in indexes.iter().zip(backends) {
+            self.put_ring(i, b)?;
+        }
+        Ok(())
     }
 
     fn put_service(
@@ -267,6 +315,68 @@ impl Dataplane for KernelDataplane {
         }
         Ok(c)
     }
+}
+
+/// `union bpf_attr` for the `BPF_MAP_*_BATCH` commands (`struct { ... } batch`
+/// of `include/uapi/linux/bpf.h`, kernel >= 5.6).
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// `enum bpf_cmd`: `BPF_MAP_UPDATE_BATCH`.
+const BPF_MAP_UPDATE_BATCH: nix::libc::c_long = 26;
+/// The kernel's internal `ENOTSUPP` (leaks to user space from bpf(2)).
+const ENOTSUPP: i32 = 524;
+
+/// Errors that mean "this kernel or map cannot batch": fall back to per-slot
+/// updates.
+fn batch_unsupported(errno: i32) -> bool {
+    errno == nix::libc::EINVAL || errno == ENOTSUPP || errno == nix::libc::EOPNOTSUPP
+}
+
+/// One `bpf(BPF_MAP_UPDATE_BATCH)` of `keys[i] -> values[i]` on the array
+/// map `fd` (aya 0.14 has no batch call). A partial write (`count` short of
+/// the length) is an error; the caller then re-reads the maps.
+fn update_batch(fd: i32, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: fd as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` points at key and value arrays that outlive the call;
+    // the kernel reads `count` u32s of each and writes back `count`.
+    let r = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if attr.count as usize != keys.len() {
+        return Err(std::io::Error::other(format!(
+            "BPF_MAP_UPDATE_BATCH wrote {} of {} slots",
+            attr.count,
+            keys.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Maps in memory, for tests of everything above the kernel.

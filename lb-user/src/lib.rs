@@ -9,6 +9,7 @@
 //! - [`nexthop`], [`host`]: next hops from netlink; interface sysctls.
 //! - [`daemon`]: `mqlb up`; [`api`]: its HTTP/JSON API; [`client`]: the CLI's side.
 //! - [`health`]: health checks (settings, state machine, probes, their tasks).
+//! - [`metrics`]: `/metrics` for Prometheus (`mqlb up --metrics ADDR`).
 //! - [`cli`]: the command line.
 
 pub mod api;
@@ -19,6 +20,7 @@ pub mod dataplane;
 pub mod health;
 pub mod host;
 pub mod loader;
+pub mod metrics;
 pub mod nexthop;
 pub mod plan;
 pub mod programs;
