@@ -345,7 +345,7 @@ fn batch_unsupported(errno: i32) -> bool {
 /// One `bpf(BPF_MAP_UPDATE_BATCH)` of `keys[i] -> values[i]` on the array
 /// map `fd` (aya 0.14 has no batch call). A partial write (`count` short of
 /// the length) is an error; the caller then re-reads the maps.
-fn update_batch(fd: i32, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
+pub fn update_batch(fd: i32, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
     let mut attr = BatchAttr {
         in_batch: 0,
         out_batch: 0,

@@ -115,55 +115,10 @@ pub fn tables(rounds: usize) -> Result<Value> {
     Ok(json!({ "rounds": rounds, "tables": rows }))
 }
 
-/// `union bpf_attr` for the `BPF_MAP_*_BATCH` commands.
-#[repr(C)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-
-/// `BPF_MAP_UPDATE_BATCH` of `keys[i] → values[i]` on map `fd`.
+/// `BPF_MAP_UPDATE_BATCH` of `keys[i] → values[i]` on map `fd`: the
+/// daemon's own call, so the bench times exactly what `mqlb` does.
 fn update_batch(fd: i32, keys: &[u32], values: &[u32]) -> Result<()> {
-    assert_eq!(keys.len(), values.len());
-    let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch: 0,
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: keys.len() as u32,
-        map_fd: fd as u32,
-        elem_flags: 0,
-        flags: 0,
-    };
-    // SAFETY: the attr points at key/value arrays that outlive the call;
-    // the kernel reads `count` elements of each.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error()).context("BPF_MAP_UPDATE_BATCH on RINGS");
-    }
-    if attr.count as usize != keys.len() {
-        bail!(
-            "BPF_MAP_UPDATE_BATCH wrote {} of {} slots",
-            attr.count,
-            keys.len()
-        );
-    }
-    Ok(())
+    lb_user::dataplane::update_batch(fd, keys, values).context("BPF_MAP_UPDATE_BATCH on RINGS")
 }
 
 /// Time to write a changed ring into `RINGS` of the real program object.
