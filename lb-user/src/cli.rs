@@ -55,11 +55,42 @@ pub enum Command {
     /// Show counters: verdicts, drops by reason, per service and per backend
     Stats {
         /// Print JSON instead of tables
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Live view of per-second rates, polled every --interval
+        ///
+        /// On a terminal: a full-screen table redrawn in place (like top) with
+        /// each service and backend's state, weight, health, packets/s, bytes/s
+        /// and new flows/s, plus drops/s by reason; q, Esc or Ctrl-C quits. If
+        /// the daemon stops answering, the last table stays, an error line shows
+        /// and polling goes on until it answers again.
+        ///
+        /// Otherwise (a pipe or a file): one plain line per service, per backend
+        /// and for drops each interval, with an RFC 3339 timestamp, until killed
+        /// or the reader goes away (exit 0). If the daemon stops answering, the
+        /// error is printed on stderr and the exit code is 1.
+        ///
+        /// A counter that went down (daemon restarted) shows 0 for that interval.
+        #[arg(long, verbatim_doc_comment)]
+        watch: bool,
+        /// Poll every DURATION with --watch: 2, 500ms, 1m (100ms to 1h) [default: 1s]
+        #[arg(long, value_name = "DURATION", requires = "watch", value_parser = crate::watch::parse_interval)]
+        interval: Option<Duration>,
     },
     /// Attach the IPIP decapsulator to IF on a backend host (no daemon needed)
     Decap(DecapArgs),
+    /// Print the shell completion script for SHELL to stdout
+    Completions {
+        /// Shell to complete in
+        #[arg(value_enum)]
+        shell: crate::docs::Shell,
+    },
+    /// Print the man page mqlb.1, or write one page per command into DIR
+    Man {
+        /// Directory to write mqlb.1, mqlb-service.1, ... into
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -267,6 +298,10 @@ pub enum CliError {
     Config { path: PathBuf, reason: String },
     #[error("the daemon for {iface} did not exit within {secs} s")]
     StillRunning { iface: String, secs: u64 },
+    #[error(transparent)]
+    Watch(#[from] crate::watch::WatchError),
+    #[error(transparent)]
+    Docs(#[from] crate::docs::DocsError),
 }
 
 /// Runs a parsed command line; what it prints goes to stdout.
@@ -284,7 +319,15 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Down { iface } => down(&client, &iface).await?,
         Command::Service(cmd) => service(&client, cmd).await?,
         Command::Backend(cmd) => backend(&client, cmd).await?,
-        Command::Stats { json } => {
+        Command::Stats {
+            watch: true,
+            interval,
+            ..
+        } => {
+            let interval = interval.unwrap_or(crate::watch::DEFAULT_INTERVAL);
+            crate::watch::run(&client, interval).await?;
+        }
+        Command::Stats { json, .. } => {
             let s: StatsView = client.get("/v1/stats").await?;
             if json {
                 println!("{}", to_json(&s));
@@ -293,6 +336,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Decap(args) => decap(&args)?,
+        Command::Completions { shell } => crate::docs::print_completions(shell)?,
+        Command::Man { out } => crate::docs::print_man(out.as_deref())?,
     }
     Ok(())
 }

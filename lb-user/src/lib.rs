@@ -10,13 +10,15 @@
 //! - [`daemon`]: `mqlb up`; [`api`]: its HTTP/JSON API; [`client`]: the CLI's side.
 //! - [`health`]: health checks (settings, state machine, probes, their tasks).
 //! - [`metrics`]: `/metrics` for Prometheus (`mqlb up --metrics ADDR`).
-//! - [`cli`]: the command line.
+//! - [`watch`]: `mqlb stats --watch`, the live view of per-second rates.
+//! - [`cli`]: the command line; [`docs`]: its shell completions and man pages.
 
 pub mod api;
 pub mod cli;
 pub mod client;
 pub mod daemon;
 pub mod dataplane;
+pub mod docs;
 pub mod health;
 pub mod host;
 pub mod loader;
@@ -25,3 +27,4 @@ pub mod nexthop;
 pub mod plan;
 pub mod programs;
 pub mod state;
+pub mod watch;
