@@ -13,6 +13,7 @@
 //! | `POST /v1/services/{name}/backends` | [`BackendSpec`] | 201 `Backend` |
 //! | `PATCH /v1/services/{name}/backends/{ip}` | [`BackendUpdate`] | `Backend` |
 //! | `DELETE /v1/services/{name}/backends/{ip}` | | the deleted `Backend` |
+//! | `GET /v1/services/{name}/flow?client=IP:PORT` | | [`FlowView`] |
 //! | `GET /v1/stats` | | [`StatsView`] |
 //! | `POST /v1/shutdown` | [`ShutdownRequest`] | [`ShutdownReply`] |
 //!
@@ -30,7 +31,7 @@ use std::{
 };
 
 use axum::{
-    extract::{rejection::JsonRejection, Path, State as AxState},
+    extract::{rejection::JsonRejection, Path, RawQuery, State as AxState},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, patch, post},
@@ -42,6 +43,7 @@ use crate::{
     daemon::{error_chain, CoreError, Shared},
     health::HealthView,
     loader::Attached,
+    probe::FlowView,
     state::{
         Backend, BackendSpec, BackendState, BackendUpdate, Proto, Service, ServiceSpec,
         ServiceUpdate,
@@ -237,6 +239,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/v1/services/{name}/backends/{addr}",
             patch(set_backend).delete(del_backend),
         )
+        .route("/v1/services/{name}/flow", get(flow))
         .route("/v1/stats", get(stats))
         .route("/v1/shutdown", post(shutdown))
         .fallback(|| async { ApiError::new(404, "no such endpoint (see /v1/status)") })
@@ -319,6 +322,46 @@ async fn del_backend(
     Path((name, addr)): Path<(String, String)>,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(s.core.lock().await.del_backend(&name, &addr)?))
+}
+
+/// The value of `key` in a query string (`%XX` decoded; `+` is a space).
+pub fn query_param(query: &str, key: &str) -> Option<String> {
+    let raw = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))?;
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded = match bytes[i] {
+            b'%' if i + 2 < bytes.len() => hex(bytes[i + 1]).zip(hex(bytes[i + 2])),
+            _ => None,
+        };
+        match (decoded, bytes[i]) {
+            (Some((hi, lo)), _) => {
+                out.push(hi << 4 | lo);
+                i += 3;
+                continue;
+            }
+            (None, b'+') => out.push(b' '),
+            (None, b) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+async fn flow(
+    AxState(s): St,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Json<FlowView>> {
+    let client = query
+        .as_deref()
+        .and_then(|q| query_param(q, "client"))
+        .ok_or_else(|| ApiError::new(400, "missing query parameter client=IP:PORT"))?;
+    Ok(Json(s.core.lock().await.flow(&name, &client)?))
 }
 
 async fn stats(AxState(s): St) -> ApiResult<Json<StatsView>> {
@@ -728,5 +771,113 @@ mod tests {
             .collect();
         ids.sort();
         assert_eq!(ids, (1..=20).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn query_params_are_decoded() {
+        assert_eq!(
+            query_param("client=10.0.0.2%3A40000", "client").as_deref(),
+            Some("10.0.0.2:40000")
+        );
+        assert_eq!(
+            query_param("x=1&client=10.0.0.2:1", "client").as_deref(),
+            Some("10.0.0.2:1")
+        );
+        assert_eq!(query_param("clients=1", "client"), None);
+        assert_eq!(
+            query_param("client=%zz%4", "client").as_deref(),
+            Some("%zz%4")
+        );
+    }
+
+    #[tokio::test]
+    async fn flow_asks_the_program_and_leaves_conntrack_as_it_was() {
+        use std::sync::{Arc as StdArc, Mutex as StdMutex};
+        let dir = tempfile::tempdir().unwrap();
+        let dp = StdArc::new(StdMutex::new(MemDataplane {
+            outer_src: [10, 0, 0, 1],
+            ..Default::default()
+        }));
+        let core = Core::new(
+            State::default(),
+            StateStore::new(dir.path()),
+            Box::new(dp.clone()),
+            StatusView::default(),
+        )
+        .unwrap();
+        let shared = Shared::new(core);
+        let t = T {
+            app: router(shared.clone()),
+            shared,
+            _dir: dir,
+        };
+        call(&t, "POST", "/v1/services", Some(AMQP)).await;
+        let uri = "/v1/services/amqp/flow?client=10.0.0.2:40000";
+        let (st, v) = call(&t, "GET", uri, None).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(
+            (&v["reason"], &v["verdict"]),
+            (&"no_backend".into(), &"drop".into())
+        );
+        assert_eq!(v["backend"], serde_json::Value::Null);
+
+        for addr in ["10.0.1.1", "10.0.1.2"] {
+            let body = format!(r#"{{"addr":"{addr}"}}"#);
+            let (st, _) = call(&t, "POST", "/v1/services/amqp/backends", Some(&body)).await;
+            assert_eq!(st, 201);
+        }
+        let (st, v) = call(&t, "GET", uri, None).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["reason"], "table");
+        assert_eq!(v["verdict"], "redirect");
+        assert_eq!(v["client"], "10.0.0.2:40000");
+        assert_eq!(v["vip"], "10.0.0.10:5672");
+        let picked = v["backend"].as_str().unwrap().to_string();
+        let id = v["backend_id"].as_u64().unwrap() as u32;
+        assert_eq!(picked, format!("10.0.1.{id}"));
+        assert!(
+            dp.lock().unwrap().ct.is_empty(),
+            "the probe's entry is removed"
+        );
+
+        // A conntrack entry pinning the flow to the other backend wins.
+        let other = 3 - id;
+        let flow = crate::probe::flow4(
+            "10.0.0.2:40000".parse().unwrap(),
+            "10.0.0.10:5672".parse().unwrap(),
+            crate::state::Proto::Tcp,
+        );
+        let entry = lb_common::CtEntry {
+            backend: other,
+            ..Default::default()
+        };
+        dp.lock().unwrap().ct.insert(flow, entry);
+        let (st, v) = call(
+            &t,
+            "GET",
+            "/v1/services/amqp/flow?client=10.0.0.2%3A40000",
+            None,
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["reason"], "conntrack");
+        assert_eq!(v["backend"], format!("10.0.1.{other}"));
+        assert_eq!(v["backend_id"], other);
+        assert_eq!(dp.lock().unwrap().ct.get(&flow), Some(&entry));
+
+        let (st, v) = call(&t, "GET", "/v1/services/nope/flow?client=10.0.0.2:1", None).await;
+        assert_eq!(
+            (st, v["error"].as_str().unwrap()),
+            (404, "unknown service nope")
+        );
+        let (st, v) = call(&t, "GET", "/v1/services/amqp/flow?client=10.0.0.2", None).await;
+        assert_eq!(st, 400);
+        assert!(
+            v["error"].as_str().unwrap().starts_with("bad address"),
+            "{v}"
+        );
+        let (st, v) = call(&t, "GET", "/v1/services/amqp/flow", None).await;
+        assert_eq!(st, 400);
+        assert_eq!(v["error"], "missing query parameter client=IP:PORT");
     }
 }

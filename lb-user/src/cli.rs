@@ -19,6 +19,7 @@ use crate::{
     health::{CheckKind, HealthConfig, HealthSpec, HealthView, Status},
     host,
     loader::{self, LoadError, Mode},
+    probe::FlowView,
     state::{
         parse_backend_addr, parse_vip, Backend, BackendSpec, BackendState, BackendUpdate, Hash,
         Proto, ServiceSpec, ServiceUpdate, StateError, DEFAULT_UDP_IDLE_S, DEFAULT_WEIGHT,
@@ -76,6 +77,31 @@ pub enum Command {
         /// Poll every DURATION with --watch: 2, 500ms, 1m (100ms to 1h) [default: 1s]
         #[arg(long, value_name = "DURATION", requires = "watch", value_parser = crate::watch::parse_interval)]
         interval: Option<Duration>,
+    },
+    /// Show which backend a client's flow goes to, and why (conntrack or table)
+    ///
+    /// Asks the loaded program itself: the daemon builds the packet the
+    /// client would send to the service's VIP (a TCP ACK, so an existing
+    /// conntrack entry is honoured, or a UDP datagram), runs it through the
+    /// XDP program on the live maps with BPF_PROG_TEST_RUN, and names the
+    /// backend from the IPIP packet that comes out.
+    ///
+    /// Side effects: on a conntrack miss the program inserts an entry for the
+    /// probe's flow; the daemon deletes it right after (and puts back an
+    /// entry the probe replaced), so a probe never pins a later real flow.
+    /// The probe packet itself is counted in the counters (`mqlb stats`)
+    /// like any packet: one rx, one ct hit or miss, one packet to the
+    /// service and the backend (per-CPU counters cannot be undone).
+    #[command(verbatim_doc_comment)]
+    Flow {
+        /// Service name
+        service: String,
+        /// The client's address and source port: IPV4:PORT
+        #[arg(long, value_name = "IP:PORT")]
+        client: String,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
     },
     /// Attach the IPIP decapsulator to IF on a backend host (no daemon needed)
     Decap(DecapArgs),
@@ -333,6 +359,25 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 println!("{}", to_json(&s));
             } else {
                 print!("{}", format_stats(&s));
+            }
+        }
+        Command::Flow {
+            service,
+            client: addr,
+            json,
+        } => {
+            crate::probe::parse_client(&addr)?;
+            let v: FlowView = client
+                .get(&format!(
+                    "/v1/services/{}/flow?client={}",
+                    segment(&service),
+                    segment(addr.trim())
+                ))
+                .await?;
+            if json {
+                println!("{}", to_json(&v));
+            } else {
+                println!("{}", crate::probe::format_flow(&v));
             }
         }
         Command::Decap(args) => decap(&args)?,
@@ -1305,5 +1350,39 @@ mod tests {
             err.to_string().starts_with("mqlb daemon is not running"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn flow_takes_a_service_and_a_client() {
+        let cli = parse(&["flow", "amqp", "--client", "10.0.0.2:40000", "--json"]).unwrap();
+        let Command::Flow {
+            service,
+            client,
+            json,
+        } = cli.command
+        else {
+            panic!("not flow");
+        };
+        assert_eq!(
+            (service.as_str(), client.as_str(), json),
+            ("amqp", "10.0.0.2:40000", true)
+        );
+        assert!(parse(&["flow", "amqp"]).is_err(), "--client is required");
+        assert!(parse(&["flow", "--client", "10.0.0.2:1"]).is_err());
+    }
+
+    #[tokio::test]
+    async fn flow_checks_the_client_before_asking_the_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("none.sock");
+        let sock = sock.to_str().unwrap();
+        let run_flow = |client: &'static str| {
+            let cli = parse(&["--socket", sock, "flow", "amqp", "--client", client]).unwrap();
+            run(cli)
+        };
+        let e = run_flow("10.0.0.2").await.unwrap_err().to_string();
+        assert!(e.starts_with("bad address \"10.0.0.2\""), "{e}");
+        let e = run_flow("10.0.0.2:40000").await.unwrap_err().to_string();
+        assert!(e.starts_with("mqlb daemon is not running"), "{e}");
     }
 }

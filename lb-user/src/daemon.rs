@@ -38,6 +38,7 @@ use crate::{
     loader::{self, Attached, LoadError, Mode},
     nexthop::{self, Resolver},
     plan::{self, addr16, plan, Applied, Hop},
+    probe::{self, FlowReason, FlowView},
     state::{
         Backend, BackendSpec, BackendState, BackendUpdate, Service, ServiceSpec, ServiceUpdate,
         State, StateError, StateStore, StoreError,
@@ -62,6 +63,8 @@ pub enum CoreError {
     Store(#[source] StoreError),
     #[error("the change was saved, but writing the maps failed (the daemon retries)")]
     Dataplane(#[source] DataplaneError),
+    #[error("probing the loaded program failed")]
+    Probe(#[source] DataplaneError),
 }
 
 impl CoreError {
@@ -480,6 +483,68 @@ impl Core {
 
     pub fn service(&self, name: &str) -> Result<Service, CoreError> {
         Ok(self.state.service(name)?.clone())
+    }
+
+    /// `mqlb flow`: runs the packet `client` would send to the service
+    /// through the loaded program on the live maps and reports where it
+    /// went. Conntrack is read before the run: an entry there that names the
+    /// chosen backend means a conntrack hit. The program inserts an entry
+    /// on a miss; it is removed again (and an entry the run replaced is put
+    /// back) so a probe never pins a later real flow. The probe packet is
+    /// counted like any other (per-CPU counters cannot be undone).
+    pub fn flow(&mut self, name: &str, client: &str) -> Result<FlowView, CoreError> {
+        let svc = self.state.service(name)?.clone();
+        let client = probe::parse_client(client)?;
+        let IpAddr::V4(vip_ip) = svc.vip.ip() else {
+            return Err(StateError::Ipv6Unsupported.into());
+        };
+        let vip = std::net::SocketAddrV4::new(vip_ip, svc.vip.port());
+        let flow = probe::flow4(client, vip, svc.proto);
+        let frame = probe::build_frame(client, vip, svc.proto);
+        let before = self.dp.ct_get(&flow).map_err(CoreError::Probe)?;
+        let run = self.dp.probe(&frame);
+        let after = self.dp.ct_get(&flow);
+        // Undo the conntrack side effect even when the run failed.
+        let undo = match (before, after.as_ref().ok().copied().flatten()) {
+            (None, Some(_)) => self.dp.ct_del(&flow),
+            (Some(b), a) if a != Some(b) => self.dp.ct_put(&flow, &b),
+            _ => Ok(()),
+        };
+        let (action, out) = run.map_err(CoreError::Probe)?;
+        let after = after.map_err(CoreError::Probe)?;
+        if let Err(e) = undo {
+            warn!(error = %error_chain(&e), "could not undo the conntrack entry of a flow probe");
+        }
+        let backend = probe::ipip_outer_dst(&out);
+        let backend_id = after.map(|e| e.backend).filter(|&id| id != 0).or_else(|| {
+            let addr = IpAddr::V4(backend?);
+            svc.backend(addr).map(|b| b.id).or_else(|| {
+                self.state
+                    .removed
+                    .iter()
+                    .find(|r| r.addr == addr)
+                    .map(|r| r.id)
+            })
+        });
+        let reason = match (backend.is_some() || after.is_some(), action) {
+            (true, _) if before.is_some_and(|b| Some(b.backend) == backend_id) => {
+                FlowReason::Conntrack
+            }
+            (true, _) => FlowReason::Table,
+            (false, 1) => FlowReason::NoBackend,
+            (false, 2) => FlowReason::NotMatched,
+            (false, _) => FlowReason::Unknown,
+        };
+        Ok(FlowView {
+            service: svc.name.clone(),
+            client: client.into(),
+            vip: svc.vip,
+            proto: svc.proto,
+            backend,
+            backend_id,
+            reason,
+            verdict: probe::verdict_name(action),
+        })
     }
 
     pub fn add_backend(&mut self, service: &str, spec: &BackendSpec) -> Result<Backend, CoreError> {

@@ -10,8 +10,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
 use lb_common::{
-    names, Backend as MapBackend, Counter, DropReason, ServiceKey, ServiceValue, Traffic,
-    MAX_BACKENDS,
+    names, Backend as MapBackend, Counter, CtEntry, DropReason, Flow4, ServiceKey, ServiceValue,
+    Traffic, MAX_BACKENDS,
 };
 
 use crate::{
@@ -33,6 +33,12 @@ pub enum DataplaneError {
     MissingMap { map: &'static str },
     #[error("cannot count cpus")]
     Cpus(#[source] std::io::Error),
+    #[error("program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("cannot use the loaded program")]
+    Program(#[source] aya::programs::ProgramError),
+    #[error("BPF_PROG_TEST_RUN failed")]
+    TestRun(#[source] std::io::Error),
     /// Only [`MemDataplane`] produces this (failure injection in tests).
     #[error("injected failure")]
     Injected,
@@ -73,6 +79,15 @@ pub trait Dataplane: Send {
     fn reset_backend_stats(&mut self, id: u32) -> Result<(), DataplaneError>;
     /// Counters of the given service and backend ids.
     fn counters(&self, services: &[u32], backends: &[u32]) -> Result<Counters, DataplaneError>;
+    /// The `CT4` entry of `flow`, if any.
+    fn ct_get(&self, flow: &Flow4) -> Result<Option<CtEntry>, DataplaneError>;
+    fn ct_put(&mut self, flow: &Flow4, entry: &CtEntry) -> Result<(), DataplaneError>;
+    /// Removes the `CT4` entry of `flow` (none is fine).
+    fn ct_del(&mut self, flow: &Flow4) -> Result<(), DataplaneError>;
+    /// Runs `frame` through the loaded `mqlb` program on the live maps
+    /// (`BPF_PROG_TEST_RUN`): its verdict and the frame it leaves. Has the
+    /// program's side effects (counters, a conntrack entry on a miss).
+    fn probe(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), DataplaneError>;
 }
 
 /// Writes `plan` in order. On error the maps hold a prefix of the plan; the
@@ -148,6 +163,9 @@ pub struct KernelDataplane {
     drops: PerCpuArray<MapData, u64>,
     svc_stats: PerCpuArray<MapData, Traffic>,
     be_stats: PerCpuArray<MapData, Traffic>,
+    ct4: HashMap<MapData, Flow4, CtEntry>,
+    /// A duplicate of the `mqlb` program's fd, for `BPF_PROG_TEST_RUN`.
+    prog_fd: OwnedFd,
     nr_cpus: usize,
 }
 
@@ -172,6 +190,14 @@ impl KernelDataplane {
                 .map_err(|e| map_err(names::RINGS, "open")(MapError::from(e)))?,
             _ => return Err(DataplaneError::MissingMap { map: names::RINGS }),
         };
+        let prog_fd = ebpf
+            .program(crate::programs::LB_PROGRAM)
+            .ok_or(DataplaneError::MissingProgram(crate::programs::LB_PROGRAM))?
+            .fd()
+            .map_err(DataplaneError::Program)?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(DataplaneError::TestRun)?;
         Ok(KernelDataplane {
             services: take(ebpf, names::SERVICES)?,
             rings: take(ebpf, names::RINGS)?,
@@ -182,6 +208,8 @@ impl KernelDataplane {
             drops: take(ebpf, names::DROPS)?,
             svc_stats: take(ebpf, names::SVC_STATS)?,
             be_stats: take(ebpf, names::BE_STATS)?,
+            ct4: take(ebpf, names::CT4)?,
+            prog_fd,
             nr_cpus,
         })
     }
@@ -315,6 +343,86 @@ impl Dataplane for KernelDataplane {
         }
         Ok(c)
     }
+
+    fn ct_get(&self, flow: &Flow4) -> Result<Option<CtEntry>, DataplaneError> {
+        match self.ct4.get(flow, 0) {
+            Ok(e) => Ok(Some(e)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(names::CT4, "read")(e)),
+        }
+    }
+
+    fn ct_put(&mut self, flow: &Flow4, entry: &CtEntry) -> Result<(), DataplaneError> {
+        self.ct4
+            .insert(flow, entry, 0)
+            .map_err(map_err(names::CT4, "write"))
+    }
+
+    fn ct_del(&mut self, flow: &Flow4) -> Result<(), DataplaneError> {
+        match self.ct4.remove(flow) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::CT4, "delete")(e)),
+        }
+    }
+
+    fn probe(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), DataplaneError> {
+        test_run(self.prog_fd.as_raw_fd(), frame).map_err(DataplaneError::TestRun)
+    }
+}
+
+/// `union bpf_attr` for `BPF_PROG_TEST_RUN` (`struct { ... } test` of
+/// `include/uapi/linux/bpf.h`).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+}
+
+/// `enum bpf_cmd`: `BPF_PROG_TEST_RUN`.
+const BPF_PROG_TEST_RUN: nix::libc::c_long = 10;
+
+/// One `bpf(BPF_PROG_TEST_RUN)` of `frame` through the XDP program `fd`:
+/// its return value and the frame it leaves (room for IPIP to grow it).
+pub fn test_run(fd: i32, frame: &[u8]) -> std::io::Result<(u32, Vec<u8>)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut attr = TestRunAttr {
+        prog_fd: fd as u32,
+        data_size_in: frame.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ..Default::default()
+    };
+    // SAFETY: `attr` points at `frame` and `out`, which outlive the call;
+    // the kernel writes at most `data_size_out` bytes into `out`.
+    let r = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRunAttr,
+            std::mem::size_of::<TestRunAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    out.truncate((attr.data_size_out as usize).min(out.len()));
+    Ok((attr.retval, out))
 }
 
 /// `union bpf_attr` for the `BPF_MAP_*_BATCH` commands (`struct { ... } batch`
@@ -386,6 +494,9 @@ pub struct MemDataplane {
     pub backends: BTreeMap<u32, MapBackend>,
     pub rings: BTreeMap<u32, u32>,
     pub counters: Counters,
+    pub ct: StdHashMap<Flow4, CtEntry>,
+    /// Outer source address of the IPIP packets [`Dataplane::probe`] makes.
+    pub outer_src: [u8; 4],
     /// Number of writes so far.
     pub writes: usize,
     /// Fail every write once `writes` reaches this.
@@ -409,6 +520,70 @@ impl MemDataplane {
         }
         let slot = v.ring_base + lb_common::hash::ring_slot(hash, v.ring_size);
         self.rings.get(&slot).copied().filter(|&id| id != 0)
+    }
+
+    /// What the program does with `frame`, roughly: conntrack, else the
+    /// ring at a hash of the ports (not the program's hash); IPIP out.
+    fn fake_run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        const PASS: u32 = 2;
+        const DROP: u32 = 1;
+        const REDIRECT: u32 = 4;
+        let (eth, ip) = (lb_common::packet::ETH_LEN, lb_common::packet::IPV4_LEN);
+        if frame.len() < eth + ip + 4 || frame[12..14] != [0x08, 0x00] {
+            return (PASS, frame.to_vec());
+        }
+        let b = |i: usize| frame[eth + i];
+        let flow = Flow4 {
+            src: [b(12), b(13), b(14), b(15)],
+            dst: [b(16), b(17), b(18), b(19)],
+            sport_be: u16::from_ne_bytes([b(ip), b(ip + 1)]),
+            dport_be: u16::from_ne_bytes([b(ip + 2), b(ip + 3)]),
+            proto: b(9),
+            _pad: [0; 3],
+        };
+        let key = ServiceKey {
+            addr: crate::plan::addr16(std::net::Ipv4Addr::from(flow.dst).into()),
+            port_be: flow.dport_be,
+            proto: flow.proto,
+            _pad: 0,
+        };
+        if !self.services.contains_key(&key) {
+            return (PASS, frame.to_vec());
+        }
+        let hit = self
+            .ct
+            .get(&flow)
+            .map(|e| e.backend)
+            .filter(|id| self.backends.contains_key(id));
+        let id = match hit {
+            Some(id) => id,
+            None => {
+                let hash = u32::from(flow.sport_be).wrapping_mul(2654435761);
+                let Some(id) = self.lookup(&key, hash) else {
+                    return (DROP, frame.to_vec());
+                };
+                self.ct.insert(
+                    flow,
+                    CtEntry {
+                        backend: id,
+                        ..Default::default()
+                    },
+                );
+                id
+            }
+        };
+        let addr = self.backends[&id].addr;
+        let inner = &frame[eth..];
+        let outer = lb_common::packet::ipip_outer_v4(
+            self.outer_src,
+            [addr[12], addr[13], addr[14], addr[15]],
+            inner.len() as u16,
+            inner[1],
+        );
+        let mut out = frame[..eth].to_vec();
+        out.extend_from_slice(&outer);
+        out.extend_from_slice(inner);
+        (REDIRECT, out)
     }
 }
 
@@ -497,6 +672,24 @@ impl Dataplane for MemDataplane {
             .collect();
         Ok(c)
     }
+
+    fn ct_get(&self, flow: &Flow4) -> Result<Option<CtEntry>, DataplaneError> {
+        Ok(self.ct.get(flow).copied())
+    }
+
+    fn ct_put(&mut self, flow: &Flow4, entry: &CtEntry) -> Result<(), DataplaneError> {
+        self.ct.insert(*flow, *entry);
+        Ok(())
+    }
+
+    fn ct_del(&mut self, flow: &Flow4) -> Result<(), DataplaneError> {
+        self.ct.remove(flow);
+        Ok(())
+    }
+
+    fn probe(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), DataplaneError> {
+        Ok(self.fake_run(frame))
+    }
 }
 
 /// One [`MemDataplane`] shared between the daemon under test and the test
@@ -539,6 +732,18 @@ impl Dataplane for std::sync::Arc<std::sync::Mutex<MemDataplane>> {
         self.lock()
             .expect("not poisoned")
             .counters(services, backends)
+    }
+    fn ct_get(&self, flow: &Flow4) -> Result<Option<CtEntry>, DataplaneError> {
+        self.lock().expect("not poisoned").ct_get(flow)
+    }
+    fn ct_put(&mut self, flow: &Flow4, entry: &CtEntry) -> Result<(), DataplaneError> {
+        self.lock().expect("not poisoned").ct_put(flow, entry)
+    }
+    fn ct_del(&mut self, flow: &Flow4) -> Result<(), DataplaneError> {
+        self.lock().expect("not poisoned").ct_del(flow)
+    }
+    fn probe(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), DataplaneError> {
+        self.lock().expect("not poisoned").probe(frame)
     }
 }
 

@@ -11,6 +11,7 @@
 //! - [`health`]: health checks (settings, state machine, probes, their tasks).
 //! - [`metrics`]: `/metrics` for Prometheus (`mqlb up --metrics ADDR`).
 //! - [`watch`]: `mqlb stats --watch`, the live view of per-second rates.
+//! - [`probe`]: `mqlb flow`, a packet run through the loaded program (BPF_PROG_TEST_RUN).
 //! - [`cli`]: the command line; [`docs`]: its shell completions and man pages.
 
 pub mod api;
@@ -25,6 +26,7 @@ pub mod loader;
 pub mod metrics;
 pub mod nexthop;
 pub mod plan;
+pub mod probe;
 pub mod programs;
 pub mod state;
 pub mod watch;
