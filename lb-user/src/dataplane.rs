@@ -395,6 +395,28 @@ struct TestRunAttr {
 /// `enum bpf_cmd`: `BPF_PROG_TEST_RUN`.
 const BPF_PROG_TEST_RUN: nix::libc::c_long = 10;
 
+/// `bpf(cmd, attr, sizeof attr)`: the raw syscall for what aya 0.14 does
+/// not expose (batch updates, a test run on a program the daemon holds).
+///
+/// # Safety
+/// Every pointer inside `attr` must be valid for what `cmd` reads and writes.
+unsafe fn sys_bpf<T>(cmd: nix::libc::c_long, attr: &mut T) -> std::io::Result<()> {
+    // SAFETY: `attr` is a live, exclusively borrowed `union bpf_attr` prefix
+    // of its full size; the caller vouches for the pointers inside it.
+    let r = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// One `bpf(BPF_PROG_TEST_RUN)` of `frame` through the XDP program `fd`:
 /// its return value and the frame it leaves (room for IPIP to grow it).
 pub fn test_run(fd: i32, frame: &[u8]) -> std::io::Result<(u32, Vec<u8>)> {
@@ -410,17 +432,7 @@ pub fn test_run(fd: i32, frame: &[u8]) -> std::io::Result<(u32, Vec<u8>)> {
     };
     // SAFETY: `attr` points at `frame` and `out`, which outlive the call;
     // the kernel writes at most `data_size_out` bytes into `out`.
-    let r = unsafe {
-        nix::libc::syscall(
-            nix::libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr,
-            std::mem::size_of::<TestRunAttr>(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    unsafe { sys_bpf(BPF_PROG_TEST_RUN, &mut attr)? };
     out.truncate((attr.data_size_out as usize).min(out.len()));
     Ok((attr.retval, out))
 }
@@ -466,17 +478,7 @@ pub fn update_batch(fd: i32, keys: &[u32], values: &[u32]) -> std::io::Result<()
     };
     // SAFETY: `attr` points at key and value arrays that outlive the call;
     // the kernel reads `count` u32s of each and writes back `count`.
-    let r = unsafe {
-        nix::libc::syscall(
-            nix::libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    unsafe { sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr)? };
     if attr.count as usize != keys.len() {
         return Err(std::io::Error::other(format!(
             "BPF_MAP_UPDATE_BATCH wrote {} of {} slots",

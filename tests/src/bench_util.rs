@@ -4,7 +4,7 @@
 //! frame sender with pacing, and CPU-time clocks that other processes on
 //! the machine do not disturb.
 
-use crate::lab::{Lab, Node, NETNS_PREFIX};
+use crate::lab::{self, Lab, Node, NETNS_PREFIX};
 use crate::netns::{self, command_line, output, Netns};
 use anyhow::{bail, Context as _, Result};
 use nix::sys::signal::{kill, Signal};
@@ -12,7 +12,6 @@ use nix::unistd::Pid;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -248,27 +247,12 @@ impl BgProc {
     /// Starts `program args` in namespace `ns`, output to `log`; it gets
     /// SIGTERM should the bench die without its Drop.
     pub fn spawn(ns: &str, program: &str, args: &[&str], log: &Path) -> Result<BgProc> {
-        let file = std::fs::File::create(log)
-            .with_context(|| format!("cannot create {}", log.display()))?;
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", netns::netns_path(ns).display()))
             .arg("--")
             .arg(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .process_group(0);
-        // SAFETY: only prctl between fork and exec (async-signal-safe).
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)
-            });
-        }
-        let line = command_line(&cmd);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start `{line}`"))?;
+            .args(args);
+        let (child, line) = lab::spawn_logged(cmd, log)?;
         Ok(BgProc {
             what: line,
             child,

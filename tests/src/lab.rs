@@ -485,32 +485,9 @@ impl Lab {
         self.dir.path().join("mqlbd.log")
     }
 
-    fn spawn(&self, what: &str, mut cmd: Command, log_name: &str) -> Result<Proc> {
+    fn spawn(&self, what: &str, cmd: Command, log_name: &str) -> Result<Proc> {
         let log = self.dir.path().join(log_name);
-        let file = std::fs::File::create(&log)
-            .with_context(|| format!("cannot create {}", log.display()))?;
-        cmd.stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            // Own process group: a Ctrl-C at the terminal reaches the lab,
-            // which stops its children itself, in order.
-            .process_group(0);
-        // SAFETY: the closure runs between fork and exec and only makes one
-        // syscall (prctl), which is async-signal-safe.
-        unsafe {
-            // Should the lab die without its Drop (SIGKILL, abort), the
-            // daemon gets SIGTERM instead of living on; the next lab then
-            // removes the namespaces and pins (`remove_stale`). The signal
-            // follows the creating *thread*: a Lab is dropped on the thread
-            // that started it.
-            cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)
-            });
-        }
-        let line = command_line(&cmd);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start `{line}`"))?;
+        let (child, line) = spawn_logged(cmd, &log)?;
         Ok(Proc {
             what: format!("{what} (`{line}`)"),
             child,
@@ -810,6 +787,35 @@ fn stop_proc(proc: &mut Proc) {
     eprintln!("lab cleanup: {} ignored SIGTERM; killing it", proc.what);
     let _ = proc.child.kill();
     let _ = proc.child.wait();
+}
+
+/// Starts `cmd` with stdin closed and stdout and stderr into `log`, in its
+/// own process group (a Ctrl-C at the terminal reaches only the lab or
+/// bench, which stops its children itself, in order). Should the starting
+/// process die without its Drop (SIGKILL, abort), the child gets SIGTERM
+/// instead of living on; the next lab then removes the namespaces and pins
+/// (`remove_stale`). The signal follows the creating *thread*: drop what
+/// owns the child on the thread that started it. Returns the child and its
+/// command line.
+pub fn spawn_logged(mut cmd: Command, log: &Path) -> Result<(Child, String)> {
+    let file =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    cmd.stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .process_group(0);
+    // SAFETY: the closure runs between fork and exec and only makes one
+    // syscall (prctl), which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)
+        });
+    }
+    let line = command_line(&cmd);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start `{line}`"))?;
+    Ok((child, line))
 }
 
 /// The last `n` lines of a log file.
