@@ -13,6 +13,11 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("tcpdump", "tcpdump"),
     ("nsenter", "util-linux"),
+    // The status page test renders `/` in headless Chromium.
+    ("chromium", "chromium"),
+    // The RabbitMQ lab (issue 5): real broker nodes, one per namespace.
+    ("rabbitmq-server", "rabbitmq-server"),
+    ("rabbitmqctl", "rabbitmq-server"),
 ];
 
 /// bpf-linker's version, and the major its LLVM must share with the toolchain.
@@ -275,7 +280,7 @@ fn debian_tools() -> Result<()> {
     for (cmd, pkg) in DEBIAN_TOOLS {
         if have_command(cmd) {
             report("ok", &format!("{cmd} ({pkg})"));
-        } else {
+        } else if !missing.contains(pkg) {
             missing.push(*pkg);
         }
     }

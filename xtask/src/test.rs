@@ -192,8 +192,10 @@ fn plan() -> Result<Vec<Run>> {
                     .collect()
             })
             .unwrap_or_default();
-        // Layer 3: every privileged test file but the lab's (BPF_PROG_TEST_RUN).
-        let fixtures: Vec<&String> = tests.iter().filter(|t| *t != "e2e").collect();
+        // Layer 3: every privileged test file but the labs' (BPF_PROG_TEST_RUN);
+        // layer 4: `e2e.rs` and every `e2e_*.rs` (namespace labs).
+        let is_e2e = |t: &String| t == "e2e" || t.starts_with("e2e_");
+        let fixtures: Vec<&String> = tests.iter().filter(|t| !is_e2e(t)).collect();
         let mut args = vec!["-p", "mqlb-tests"];
         for t in &fixtures {
             args.extend(["--test", t.as_str()]);
@@ -209,9 +211,13 @@ fn plan() -> Result<Vec<Run>> {
         if !tests.iter().any(|t| t == "e2e") {
             bail!("layer 4 has no test file: expected tests/tests/e2e.rs in mqlb-tests");
         }
+        let mut args = vec!["-p", "mqlb-tests"];
+        for t in tests.iter().filter(|t| is_e2e(t)) {
+            args.extend(["--test", t.as_str()]);
+        }
         runs.push(run(
             "layer 4: end to end in network namespaces",
-            &["-p", "mqlb-tests", "--test", "e2e"],
+            &args,
             true,
         ));
     } else {
