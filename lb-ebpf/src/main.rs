@@ -32,13 +32,17 @@ use lb_common::{
         IPV4_DF, IPV4_LEN, IPV4_MF, IPV4_OFFSET_MASK,
     },
     Backend, Counter, CtEntry, DropReason, Flow4, HashMode, ServiceKey, ServiceValue, Traffic,
-    CT_DEFAULT_ENTRIES, CT_REFRESH_NS, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP, RING_MAX,
+    CT_DEFAULT_ENTRIES, CT_REFRESH_NS, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
+    RANGES_COUNT, RANGE_PORT, RING_MAX,
 };
 use ptr::Bytes;
 
 /// `ServiceKey` → `ServiceValue`; written by the daemon; one entry per service.
 #[map]
 static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
+/// `[RANGES_COUNT]`: port-range services; 0 skips their lookup. Written by the daemon.
+#[map]
+static RANGES: Array<u32> = Array::with_max_entries(1, 0);
 /// Maglev rings, two per service (A/B); slot → backend id; written by the daemon.
 #[map]
 static RINGS: Array<u32> = Array::with_max_entries(MAX_SERVICES * 2 * RING_MAX, 0);
@@ -236,8 +240,7 @@ fn try_mqlb(ctx: &XdpContext) -> Result<u32, DropReason> {
     };
     let [_, _, d0, d1] = ports.to_ne_bytes();
     let dport_be = u16::from_ne_bytes([d0, d1]);
-    let key = ServiceKeyV4::new(h.u32::<IP_DST>().to_ne_bytes(), dport_be, proto);
-    let Some(svc) = (unsafe { SERVICES.get(key.get()) }) else {
+    let Some(svc) = service(h.u32::<IP_DST>().to_ne_bytes(), dport_be, proto) else {
         return Ok(xdp_action::XDP_PASS);
     };
     let total_len = u16::from_be(h.u16::<IP_TOT_LEN>());
@@ -278,6 +281,22 @@ fn try_mqlb(ctx: &XdpContext) -> Result<u32, DropReason> {
     };
     let backend = pick_backend(svc, flow.get(), &pkt)?;
     forward(ctx, &pkt, backend)
+}
+
+/// The service of a destination: its exact port first, then the VIP's port
+/// range (only while some range service exists).
+#[inline(always)]
+fn service(dst: [u8; 4], dport_be: u16, proto: u8) -> Option<&'static ServiceValue> {
+    let key = ServiceKeyV4::new(dst, dport_be, proto);
+    if let Some(svc) = unsafe { SERVICES.get(key.get()) } {
+        return Some(svc);
+    }
+    if RANGES.get(RANGES_COUNT).is_none_or(|n| *n == 0) {
+        return None;
+    }
+    let key = ServiceKeyV4::new(dst, RANGE_PORT, proto);
+    let svc = unsafe { SERVICES.get(key.get()) }?;
+    lb_common::range_takes(svc, u16::from_be(dport_be)).then_some(svc)
 }
 
 /// Conntrack first (unless a SYN starts the flow over), else the Maglev ring.
