@@ -203,7 +203,7 @@ pub fn open_streams(
     n: usize,
     ssrc_base: u32,
 ) -> Result<Vec<Stream>> {
-    if first_port % 2 != 0 {
+    if !first_port.is_multiple_of(2) {
         bail!("RTP streams start on even ports (got {first_port})");
     }
     in_netns(netns, move || {
