@@ -13,3 +13,4 @@ pub mod lab;
 pub mod media;
 pub mod netns;
 pub mod privileged;
+pub mod rabbit;
