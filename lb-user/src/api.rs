@@ -13,7 +13,7 @@
 //! | `POST /v1/services/{name}/backends` | [`BackendSpec`] | 201 `Backend` |
 //! | `PATCH /v1/services/{name}/backends/{ip}` | [`BackendUpdate`] | `Backend` |
 //! | `DELETE /v1/services/{name}/backends/{ip}` | | the deleted `Backend` |
-//! | `GET /v1/services/{name}/flow?client=IP:PORT` | | [`FlowView`] |
+//! | `GET /v1/services/{name}/flow?client=IP:PORT[&port=P]` | | [`FlowView`] |
 //! | `GET /v1/stats` | | [`StatsView`] |
 //! | `POST /v1/apply` | [`ApplyRequest`] | [`ApplyReply`] |
 //! | `GET /v1/export` | | [`Desired`] (password `***`) |
@@ -31,12 +31,7 @@
 //!
 //! A service's health check password is never sent back: it reads `***`.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
-    path::PathBuf,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, sync::Arc};
 
 use axum::{
     extract::{rejection::JsonRejection, Path, RawQuery, State as AxState},
@@ -55,7 +50,7 @@ use crate::{
     probe::FlowView,
     state::{
         Backend, BackendSpec, BackendState, BackendUpdate, Proto, Service, ServiceSpec,
-        ServiceUpdate,
+        ServiceUpdate, Vip,
     },
 };
 
@@ -137,7 +132,7 @@ pub struct StatsView {
 pub struct ServiceStats {
     pub name: String,
     pub id: u32,
-    pub vip: SocketAddr,
+    pub vip: Vip,
     pub proto: Proto,
     /// Too few backends pass their check: the table holds the down ones too.
     pub panic: bool,
@@ -399,7 +394,13 @@ async fn flow(
         .as_deref()
         .and_then(|q| query_param(q, "client"))
         .ok_or_else(|| ApiError::new(400, "missing query parameter client=IP:PORT"))?;
-    Ok(Json(s.core.lock().await.flow(&name, &client)?))
+    let port = match query.as_deref().and_then(|q| query_param(q, "port")) {
+        None => None,
+        Some(p) => {
+            Some(crate::probe::parse_port(&p).map_err(|e| ApiError::new(400, e.to_string()))?)
+        }
+    };
+    Ok(Json(s.core.lock().await.flow(&name, &client, port)?))
 }
 
 async fn stats(AxState(s): St) -> ApiResult<Json<StatsView>> {
@@ -1103,5 +1104,20 @@ mod tests {
         let (st, v) = call(&t, "GET", "/v1/services/amqp/flow", None).await;
         assert_eq!(st, 400);
         assert_eq!(v["error"], "missing query parameter client=IP:PORT");
+
+        // The destination port: the service's own, or refused.
+        let (st, v) = call(&t, "GET", &format!("{uri}&port=5672"), None).await;
+        assert_eq!((st, &v["vip"]), (200, &"10.0.0.10:5672".into()), "{v}");
+        for (port, error) in [
+            ("0", "bad port \"0\": expected a number from 1 to 65535"),
+            ("x", "bad port \"x\": expected a number from 1 to 65535"),
+            (
+                "5673",
+                "port 5673 is not a port of service amqp (10.0.0.10:5672)",
+            ),
+        ] {
+            let (st, v) = call(&t, "GET", &format!("{uri}&port={port}"), None).await;
+            assert_eq!((st, v["error"].as_str().unwrap()), (400, error));
+        }
     }
 }

@@ -22,8 +22,9 @@ use crate::{
     manifest::{self, ApplyReply, ApplyRequest, Desired, Manifest, ManifestError},
     probe::FlowView,
     state::{
-        parse_backend_addr, parse_vip, Backend, BackendSpec, BackendState, BackendUpdate, Hash,
-        Proto, ServiceSpec, ServiceUpdate, StateError, DEFAULT_UDP_IDLE_S, DEFAULT_WEIGHT,
+        check_health_port, parse_backend_addr, parse_vip, Backend, BackendSpec, BackendState,
+        BackendUpdate, Hash, Proto, ServiceSpec, ServiceUpdate, StateError, DEFAULT_UDP_IDLE_S,
+        DEFAULT_WEIGHT,
     },
 };
 
@@ -48,7 +49,7 @@ pub enum Command {
         #[arg(long, value_name = "IF")]
         iface: String,
     },
-    /// Add, delete and list services (VIP:PORT/PROTO)
+    /// Add, delete and list services (VIP:PORT, VIP:LO-HI or VIP:*, and a protocol)
     #[command(subcommand)]
     Service(ServiceCmd),
     /// Add, change, delete and list the backends of a service
@@ -100,6 +101,11 @@ pub enum Command {
         /// The client's address and source port: IPV4:PORT
         #[arg(long, value_name = "IP:PORT")]
         client: String,
+        /// Destination port: one of a port-range service's ports (refused
+        /// outside its range, or on a port an exact-port service takes)
+        /// [default: the service's port; its lowest for a range]
+        #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+        port: Option<u16>,
         /// Print JSON
         #[arg(long)]
         json: bool,
@@ -121,9 +127,10 @@ pub enum Command {
     ///   ]
     ///
     /// A service's keys are the `service add` options in snake case: name,
-    /// vip, proto, hash, udp_idle, ring_size, check, check_interval,
-    /// check_timeout, rise, fall, check_port, check_user, check_password,
-    /// panic_threshold. A key left out takes its default. A service or
+    /// vip (IP:PORT, IP:LO-HI or IP:*), proto, hash, udp_idle, ring_size,
+    /// check, check_interval, check_timeout, rise, fall, check_port,
+    /// check_user, check_password, panic_threshold. A key left out takes its
+    /// default. A service or
     /// backend the file does not have is deleted (established flows finish,
     /// as with `del`); `service = []` deletes every service. A service is
     /// known by its name, a backend by its address. Without `seed` the
@@ -198,8 +205,11 @@ pub enum ServiceCmd {
     Add {
         /// Name (letters, digits, '.', '_', '-')
         name: String,
-        /// Virtual IP and port, e.g. 10.0.0.10:5672
-        #[arg(long, value_name = "IP:PORT")]
+        /// Virtual IP and port (10.0.0.10:5672), a port range (10.0.0.10:5004-5099)
+        /// or every port (10.0.0.10:*); IPv6 in brackets ([2001:db8::1]:5004-5099).
+        /// One range per VIP and protocol; an exact-port service on the same VIP
+        /// (inside the range or not) takes its port from the range
+        #[arg(long, value_name = "IP:PORT|IP:LO-HI|IP:*")]
         vip: String,
         /// Transport protocol
         #[arg(long, value_enum)]
@@ -257,7 +267,8 @@ pub struct HealthArgs {
     #[arg(long, value_name = "N")]
     pub fall: Option<u64>,
     /// Port the tcp and amqp checks probe on the backend's address; 0: the
-    /// service port [default: the service port]
+    /// service port. A port-range service has no single port: its tcp and
+    /// amqp checks need this [default: the service port]
     #[arg(long, value_name = "PORT")]
     pub check_port: Option<u16>,
     /// Basic auth user of the http check; '' removes the credentials
@@ -418,16 +429,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Flow {
             service,
             client: addr,
+            port,
             json,
         } => {
             crate::probe::parse_client(&addr)?;
-            let v: FlowView = client
-                .get(&format!(
-                    "/v1/services/{}/flow?client={}",
-                    segment(&service),
-                    segment(addr.trim())
-                ))
-                .await?;
+            let v: FlowView = client.get(&flow_path(&service, &addr, port)).await?;
             if json {
                 println!("{}", to_json(&v));
             } else {
@@ -444,6 +450,19 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Man { out } => crate::docs::print_man(out.as_deref())?,
     }
     Ok(())
+}
+
+/// `GET /v1/services/{name}/flow?client=IP:PORT[&port=P]`.
+fn flow_path(service: &str, client: &str, port: Option<u16>) -> String {
+    let mut path = format!(
+        "/v1/services/{}/flow?client={}",
+        segment(service),
+        segment(client.trim())
+    );
+    if let Some(p) = port {
+        let _ = write!(path, "&port={p}");
+    }
+    path
 }
 
 /// Reads a file (`-`: standard input): its name for messages and its text.
@@ -563,7 +582,7 @@ async fn service(client: &Client, cmd: ServiceCmd) -> Result<(), CliError> {
             let vip_addr = parse_vip(&vip)?;
             let health = health.spec()?;
             // Refuse bad check settings before any request.
-            HealthConfig::default().apply(&health)?;
+            check_health_port(vip_addr, &HealthConfig::default().apply(&health)?)?;
             let spec = ServiceSpec {
                 name,
                 vip,
@@ -582,7 +601,7 @@ async fn service(client: &Client, cmd: ServiceCmd) -> Result<(), CliError> {
                 s.proto,
                 s.hash,
                 s.id,
-                s.health.summary(vip_addr.port())
+                s.health.summary(s.vip.port())
             );
         }
         ServiceCmd::Set { name, health } => {
@@ -835,9 +854,10 @@ fn check_cell(s: &crate::state::Service) -> String {
     let c = &s.health;
     match &c.check {
         CheckKind::None => "-".into(),
-        CheckKind::Tcp | CheckKind::Amqp => {
-            format!("{}:{}", c.check, c.port.unwrap_or(s.vip.port()))
-        }
+        CheckKind::Tcp | CheckKind::Amqp => match s.check_port() {
+            Some(port) => format!("{}:{port}", c.check),
+            None => c.check.to_string(),
+        },
         CheckKind::Http(url) => match &c.user {
             Some(u) => format!("http {url} ({u}:{})", crate::health::REDACTED),
             None => format!("http {url}"),
@@ -1378,6 +1398,92 @@ mod tests {
         assert_eq!(format_services(&[]), "no services\n");
     }
 
+    /// Port-range VIPs read `IP:LO-HI` (or `IP:*`) wherever a VIP shows:
+    /// service list, stats, stats JSON, `stats --watch` lines, status page.
+    #[test]
+    fn port_ranges_show_as_lo_hi_everywhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut core = crate::daemon::Core::new(
+            crate::state::State::default(),
+            crate::state::StateStore::new(dir.path()),
+            Box::new(crate::dataplane::MemDataplane::default()),
+            Default::default(),
+        )
+        .unwrap();
+        let spec = |name: &str, vip: &str, check: Option<(CheckKind, u16)>| ServiceSpec {
+            name: name.into(),
+            vip: vip.into(),
+            proto: Proto::Udp,
+            hash: Hash::Rtp,
+            udp_idle_s: None,
+            ring_size: Some(13),
+            health: HealthSpec {
+                port: check.as_ref().map(|c| c.1),
+                check: check.map(|c| c.0),
+                ..Default::default()
+            },
+        };
+        core.add_service(&spec(
+            "media",
+            "10.0.0.10:5004-5099",
+            Some((CheckKind::Tcp, 8080)),
+        ))
+        .unwrap();
+        core.add_service(&spec("rtcp", "10.0.0.10:5005", None))
+            .unwrap();
+        core.add_service(&spec("any", "10.0.0.11:*", None)).unwrap();
+        let t = format_services(&core.service_views());
+        assert_eq!(
+            t,
+            "NAME   VIP                  PROTO  HASH  UDP-IDLE  RING  IN-TABLE/BACKENDS  PANIC  CHECK\n\
+             media  10.0.0.10:5004-5099  udp    rtp   60s       13    0/0                -      tcp:8080\n\
+             rtcp   10.0.0.10:5005       udp    rtp   60s       13    0/0                -      -\n\
+             any    10.0.0.11:*          udp    rtp   60s       13    0/0                -      -\n"
+        );
+        let stats = core.stats().unwrap();
+        let text = format_stats(&stats);
+        for want in [
+            "10.0.0.10:5004-5099/udp",
+            "10.0.0.10:5005/udp",
+            "10.0.0.11:*/udp",
+        ] {
+            assert!(text.contains(want), "{want} in {text}");
+        }
+        let json = serde_json::to_value(&stats).unwrap();
+        assert_eq!(json["services"][0]["vip"], "10.0.0.10:5004-5099");
+        assert_eq!(json["services"][2]["vip"], "10.0.0.11:*");
+        let back: StatsView = serde_json::from_value(json).unwrap();
+        assert_eq!(back, stats, "the CLI reads the API's answer back");
+        let lines = crate::watch::plain_lines(
+            std::time::UNIX_EPOCH,
+            &stats,
+            &crate::watch::rates(&stats, &stats, Duration::from_secs(1)),
+        );
+        assert!(
+            lines.contains(" service=media vip=10.0.0.10:5004-5099/udp "),
+            "{lines}"
+        );
+        let page = crate::metrics::status_json(
+            &crate::metrics::StatusInput {
+                stats,
+                iface: "eth1".into(),
+                pid: 1,
+                conntrack: crate::metrics::Conntrack {
+                    capacity: 1,
+                    entries: None,
+                },
+                settings: Default::default(),
+                removed: vec![],
+                time_unix_ms: 0,
+            },
+            &Default::default(),
+        );
+        assert_eq!(page.services[0].vip, "10.0.0.10:5004-5099");
+        assert_eq!(page.services[2].vip, "10.0.0.11:*");
+        let line = core.service("media").unwrap().health.summary(None);
+        assert!(line.starts_with("tcp :8080 every 2s"), "{line}");
+    }
+
     #[test]
     fn service_set_takes_health_options() {
         let cli = parse(&[
@@ -1493,17 +1599,49 @@ mod tests {
         let Command::Flow {
             service,
             client,
+            port,
             json,
         } = cli.command
         else {
             panic!("not flow");
         };
         assert_eq!(
-            (service.as_str(), client.as_str(), json),
-            ("amqp", "10.0.0.2:40000", true)
+            (service.as_str(), client.as_str(), port, json),
+            ("amqp", "10.0.0.2:40000", None, true)
         );
         assert!(parse(&["flow", "amqp"]).is_err(), "--client is required");
         assert!(parse(&["flow", "--client", "10.0.0.2:1"]).is_err());
+    }
+
+    #[test]
+    fn flow_takes_a_destination_port() {
+        let cli = parse(&[
+            "flow",
+            "media",
+            "--client",
+            "10.0.0.2:4000",
+            "--port",
+            "5005",
+        ])
+        .unwrap();
+        let Command::Flow { port, .. } = cli.command else {
+            panic!("not flow");
+        };
+        assert_eq!(port, Some(5005));
+        for bad in ["0", "65536", "x"] {
+            assert!(
+                parse(&["flow", "media", "--client", "10.0.0.2:4000", "--port", bad]).is_err(),
+                "--port {bad}"
+            );
+        }
+        assert_eq!(
+            flow_path("media", " 10.0.0.2:4000 ", Some(5005)),
+            "/v1/services/media/flow?client=10.0.0.2:4000&port=5005"
+        );
+        assert_eq!(
+            flow_path("amqp", "10.0.0.2:4000", None),
+            "/v1/services/amqp/flow?client=10.0.0.2:4000"
+        );
     }
 
     #[tokio::test]

@@ -540,13 +540,42 @@ impl Core {
     /// on a miss; it is removed again (and an entry the run replaced is put
     /// back) so a probe never pins a later real flow. The probe packet is
     /// counted like any other (per-CPU counters cannot be undone).
-    pub fn flow(&mut self, name: &str, client: &str) -> Result<FlowView, CoreError> {
+    ///
+    /// `port` is the destination port (default: the service's port, the
+    /// lowest of a range); one outside the service's ports, or one an
+    /// exact-port service on the same address takes, is refused.
+    pub fn flow(
+        &mut self,
+        name: &str,
+        client: &str,
+        port: Option<u16>,
+    ) -> Result<FlowView, CoreError> {
         let svc = self.state.service(name)?.clone();
         let client = probe::parse_client(client)?;
         let IpAddr::V4(vip_ip) = svc.vip.ip() else {
             return Err(StateError::Ipv6Unsupported.into());
         };
-        let vip = std::net::SocketAddrV4::new(vip_ip, svc.vip.port());
+        let port = port.unwrap_or(svc.vip.lo());
+        if !svc.vip.takes(port) {
+            return Err(StateError::PortNotInVip {
+                service: svc.name,
+                vip: svc.vip,
+                port,
+            }
+            .into());
+        }
+        if let Some(other) = self.state.services.iter().find(|o| {
+            o.id != svc.id && o.proto == svc.proto && o.vip.claim() == (svc.vip.ip(), Some(port))
+        }) {
+            return Err(StateError::PortOwnedByExact {
+                service: svc.name,
+                port,
+                other: other.name.clone(),
+                other_vip: other.vip,
+            }
+            .into());
+        }
+        let vip = std::net::SocketAddrV4::new(vip_ip, port);
         let flow = probe::flow4(client, vip, svc.proto);
         let frame = probe::build_frame(client, vip, svc.proto);
         let before = self.dp.ct_get(&flow).map_err(CoreError::Probe)?;
@@ -586,7 +615,7 @@ impl Core {
         Ok(FlowView {
             service: svc.name.clone(),
             client: client.into(),
-            vip: svc.vip,
+            vip: vip.into(),
             proto: svc.proto,
             backend,
             backend_id,
@@ -1762,5 +1791,110 @@ mod tests {
         assert_eq!(c.mode, Some(Mode::Skb));
         assert_eq!(c.ct_entries, Some(4096));
         assert!(toml::from_str::<ConfigFile>("colour = 1").is_err());
+    }
+
+    fn udp_service(name: &str, vip: &str) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            vip: vip.into(),
+            proto: Proto::Udp,
+            hash: crate::state::Hash::Rtp,
+            udp_idle_s: None,
+            ring_size: Some(13),
+            health: Default::default(),
+        }
+    }
+
+    fn backend(core: &mut Core, service: &str, addr: &str) -> u32 {
+        core.add_backend(
+            service,
+            &BackendSpec {
+                addr: addr.into(),
+                weight: None,
+            },
+        )
+        .unwrap()
+        .id
+    }
+
+    /// A port-range service and an exact-port one inside it: RANGES counts
+    /// the range across a restart and back to 0 on delete; `flow` asks
+    /// about one port of the range (default: its lowest) and refuses ports
+    /// outside it or taken by the exact-port service.
+    #[test]
+    fn range_services_keep_the_count_and_answer_flows_per_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut core, mem) = core_with_maps(dir.path());
+        mem.lock().unwrap().outer_src = [10, 0, 0, 1];
+        core.add_service(&udp_service("media", "10.0.0.10:5004-5099"))
+            .unwrap();
+        core.add_service(&udp_service("exact", "10.0.0.10:5010"))
+            .unwrap();
+        let relay = backend(&mut core, "media", "10.0.1.1");
+        let other = backend(&mut core, "exact", "10.0.1.2");
+        assert_eq!(mem.lock().unwrap().ranges, 1);
+        assert_eq!(mem.lock().unwrap().ranges_writes, [1]);
+
+        let v = core.flow("media", "10.0.0.2:40000", None).unwrap();
+        assert_eq!(v.vip.to_string(), "10.0.0.10:5004", "the lowest port");
+        assert_eq!((v.backend_id, v.reason), (Some(relay), FlowReason::Table));
+        let v = core.flow("media", "10.0.0.2:40000", Some(5099)).unwrap();
+        assert_eq!(v.vip.to_string(), "10.0.0.10:5099");
+        assert_eq!(v.backend_id, Some(relay));
+        let v = core.flow("exact", "10.0.0.2:40000", None).unwrap();
+        assert_eq!(v.backend_id, Some(other));
+        assert!(mem.lock().unwrap().ct.is_empty(), "probes leave no entry");
+
+        let err = |e: CoreError| (e.status(), e.to_string());
+        assert_eq!(
+            err(core
+                .flow("media", "10.0.0.2:40000", Some(5100))
+                .unwrap_err()),
+            (
+                400,
+                "port 5100 is not a port of service media (10.0.0.10:5004-5099)".into()
+            )
+        );
+        assert_eq!(
+            err(core
+                .flow("exact", "10.0.0.2:40000", Some(5011))
+                .unwrap_err()),
+            (
+                400,
+                "port 5011 is not a port of service exact (10.0.0.10:5010)".into()
+            )
+        );
+        assert_eq!(
+            err(core
+                .flow("media", "10.0.0.2:40000", Some(5010))
+                .unwrap_err()),
+            (
+                400,
+                "port 5010 of service media belongs to service exact (10.0.0.10:5010): an exact \
+                 port wins over a range; ask `mqlb flow exact`"
+                    .into()
+            )
+        );
+
+        // A restarted daemon reads the count back and writes nothing.
+        let state = StateStore::new(dir.path()).load().unwrap().unwrap();
+        drop(core);
+        let writes = mem.lock().unwrap().writes;
+        let mut core = Core::new(
+            state,
+            StateStore::new(dir.path()),
+            Box::new(mem.clone()),
+            StatusView::default(),
+        )
+        .unwrap();
+        core.sync().unwrap();
+        assert_eq!(mem.lock().unwrap().writes, writes);
+
+        // Deleting the range: its entry, then the count, go; the exact stays.
+        core.del_service("media").unwrap();
+        let m = mem.lock().unwrap();
+        assert_eq!((m.ranges, m.ranges_writes.as_slice()), (0, &[1, 0][..]));
+        assert_eq!(m.services.len(), 1);
+        assert!(m.services.keys().all(|k| k.port_be == 5010u16.to_be()));
     }
 }

@@ -11,7 +11,7 @@ use std::{
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
 use lb_common::{
     names, Backend as MapBackend, Counter, CtEntry, DropReason, Flow4, ServiceKey, ServiceValue,
-    Traffic, MAX_BACKENDS,
+    Traffic, MAX_BACKENDS, RANGES_COUNT, RANGE_PORT,
 };
 
 use crate::{
@@ -75,6 +75,9 @@ pub trait Dataplane: Send {
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue)
         -> Result<(), DataplaneError>;
     fn del_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError>;
+    /// `RANGES[RANGES_COUNT]`: how many port-range services exist.
+    fn read_ranges(&self) -> Result<u32, DataplaneError>;
+    fn put_ranges(&mut self, count: u32) -> Result<(), DataplaneError>;
     fn reset_service_stats(&mut self, id: u32) -> Result<(), DataplaneError>;
     fn reset_backend_stats(&mut self, id: u32) -> Result<(), DataplaneError>;
     /// Counters of the given service and backend ids.
@@ -107,11 +110,17 @@ pub fn apply(dp: &mut dyn Dataplane, plan: &Plan) -> Result<(), DataplaneError> 
         let backends: Vec<u32> = plan.ring_writes.iter().map(|w| w.backend).collect();
         dp.put_rings(&indexes, &backends)?;
     }
+    if let Some(n) = plan.ranges_raise {
+        dp.put_ranges(n)?;
+    }
     for (key, value) in &plan.services {
         dp.put_service(key, value)?;
     }
     for key in &plan.service_deletes {
         dp.del_service(key)?;
+    }
+    if let Some(n) = plan.ranges_lower {
+        dp.put_ranges(n)?;
     }
     Ok(())
 }
@@ -123,6 +132,7 @@ pub fn read_applied(dp: &dyn Dataplane, state: &State) -> Result<Applied, Datapl
         services: dp.read_services()?.into_iter().collect(),
         backends: dp.read_backends()?.into_iter().collect(),
         rings: BTreeMap::new(),
+        ranges: dp.read_ranges()?,
     };
     for svc in &state.services {
         for half in 0..2 {
@@ -159,6 +169,7 @@ pub struct KernelDataplane {
     /// The kernel refused a batch once: write slot by slot from then on.
     no_batch: bool,
     backends: Array<MapData, MapBackend>,
+    ranges: Array<MapData, u32>,
     stats: PerCpuArray<MapData, u64>,
     drops: PerCpuArray<MapData, u64>,
     svc_stats: PerCpuArray<MapData, Traffic>,
@@ -204,6 +215,7 @@ impl KernelDataplane {
             rings_fd,
             no_batch: false,
             backends: take(ebpf, names::BACKENDS)?,
+            ranges: take(ebpf, names::RANGES)?,
             stats: take(ebpf, names::STATS)?,
             drops: take(ebpf, names::DROPS)?,
             svc_stats: take(ebpf, names::SVC_STATS)?,
@@ -295,6 +307,18 @@ impl Dataplane for KernelDataplane {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(names::SERVICES, "delete")(e)),
         }
+    }
+
+    fn read_ranges(&self) -> Result<u32, DataplaneError> {
+        self.ranges
+            .get(&RANGES_COUNT, 0)
+            .map_err(map_err(names::RANGES, "read"))
+    }
+
+    fn put_ranges(&mut self, count: u32) -> Result<(), DataplaneError> {
+        self.ranges
+            .set(RANGES_COUNT, count, 0)
+            .map_err(map_err(names::RANGES, "write"))
     }
 
     fn reset_service_stats(&mut self, id: u32) -> Result<(), DataplaneError> {
@@ -390,6 +414,10 @@ struct TestRunAttr {
     flags: u32,
     cpu: u32,
     batch_size: u32,
+    /// Explicit, so it is zero: the struct is 8-aligned, and the kernel
+    /// refuses (EINVAL) an attr whose bytes past the last field it knows are
+    /// not all zero; implicit padding holds whatever was on the stack.
+    _pad: u32,
 }
 
 /// `enum bpf_cmd`: `BPF_PROG_TEST_RUN`.
@@ -495,6 +523,10 @@ pub struct MemDataplane {
     pub services: StdHashMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, MapBackend>,
     pub rings: BTreeMap<u32, u32>,
+    /// `RANGES[RANGES_COUNT]`.
+    pub ranges: u32,
+    /// Every value `RANGES[RANGES_COUNT]` was set to, in order.
+    pub ranges_writes: Vec<u32>,
     pub counters: Counters,
     pub ct: StdHashMap<Flow4, CtEntry>,
     /// Outer source address of the IPIP packets [`Dataplane::probe`] makes.
@@ -543,14 +575,23 @@ impl MemDataplane {
             proto: b(9),
             _pad: [0; 3],
         };
-        let key = ServiceKey {
+        let mut key = ServiceKey {
             addr: crate::plan::addr16(std::net::Ipv4Addr::from(flow.dst).into()),
             port_be: flow.dport_be,
             proto: flow.proto,
             _pad: 0,
         };
+        // The exact port, else (while RANGES counts any) the VIP's range.
         if !self.services.contains_key(&key) {
-            return (PASS, frame.to_vec());
+            key.port_be = RANGE_PORT.to_be();
+            let in_range = self.ranges > 0
+                && self
+                    .services
+                    .get(&key)
+                    .is_some_and(|v| lb_common::range_takes(v, u16::from_be(flow.dport_be)));
+            if !in_range {
+                return (PASS, frame.to_vec());
+            }
         }
         let hit = self
             .ct
@@ -635,6 +676,17 @@ impl Dataplane for MemDataplane {
     fn del_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
         self.write()?;
         self.services.remove(key);
+        Ok(())
+    }
+
+    fn read_ranges(&self) -> Result<u32, DataplaneError> {
+        Ok(self.ranges)
+    }
+
+    fn put_ranges(&mut self, count: u32) -> Result<(), DataplaneError> {
+        self.write()?;
+        self.ranges = count;
+        self.ranges_writes.push(count);
         Ok(())
     }
 
@@ -724,6 +776,12 @@ impl Dataplane for std::sync::Arc<std::sync::Mutex<MemDataplane>> {
     fn del_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
         self.lock().expect("not poisoned").del_service(key)
     }
+    fn read_ranges(&self) -> Result<u32, DataplaneError> {
+        self.lock().expect("not poisoned").read_ranges()
+    }
+    fn put_ranges(&mut self, count: u32) -> Result<(), DataplaneError> {
+        self.lock().expect("not poisoned").put_ranges(count)
+    }
     fn reset_service_stats(&mut self, id: u32) -> Result<(), DataplaneError> {
         self.lock().expect("not poisoned").reset_service_stats(id)
     }
@@ -756,6 +814,14 @@ mod tests {
         plan::{plan, service_key},
         state::{BackendSpec, Proto, ServiceSpec},
     };
+
+    /// Every byte of the attr is a field (none is padding the kernel would
+    /// find non-zero).
+    #[test]
+    fn test_run_attr_has_no_implicit_padding() {
+        assert_eq!(std::mem::size_of::<TestRunAttr>(), 80);
+        assert_eq!(std::mem::size_of::<BatchAttr>(), 56);
+    }
 
     #[test]
     fn applied_plan_reads_back_the_same() {

@@ -186,7 +186,8 @@ pub struct HealthConfig {
     pub timeout_ms: u64,
     pub rise: u32,
     pub fall: u32,
-    /// Port probed by `tcp` and `amqp` checks; `None`: the service port.
+    /// Port probed by `tcp` and `amqp` checks; `None`: the service port
+    /// (a port-range service has none: its `tcp` and `amqp` checks need one).
     #[serde(default)]
     pub port: Option<u16>,
     /// Basic auth of `http` checks (RabbitMQ's management API needs it).
@@ -388,13 +389,15 @@ impl HealthConfig {
     }
 
     /// One line for people, e.g. `amqp :5672 every 2s (timeout 1s, rise 2,
-    /// fall 3), panic below 50%`; never the password.
-    pub fn summary(&self, service_port: u16) -> String {
+    /// fall 3), panic below 50%`; never the password. `service_port` is
+    /// `None` for a port-range service.
+    pub fn summary(&self, service_port: Option<u16>) -> String {
         let what = match &self.check {
             CheckKind::None => return "no health check".into(),
-            CheckKind::Tcp | CheckKind::Amqp => {
-                format!("{} :{}", self.check, self.port.unwrap_or(service_port))
-            }
+            CheckKind::Tcp | CheckKind::Amqp => match self.port.or(service_port) {
+                Some(port) => format!("{} :{port}", self.check),
+                None => format!("{} (no check port)", self.check),
+            },
             CheckKind::Http(_) => match &self.user {
                 Some(u) => format!("{} as {u}:{REDACTED}", self.check),
                 None => self.check.to_string(),
@@ -696,11 +699,11 @@ pub fn targets(svc: &Service) -> Vec<CheckTarget> {
 /// The check of one backend of `svc` (`None` when the service is not checked).
 pub fn target(svc: &Service, b: &Backend) -> Option<CheckTarget> {
     let c = &svc.health;
-    let port = c.port.unwrap_or(svc.vip.port());
+    // A port-range service always has a check port (`check_health_port`).
     let probe = match &c.check {
         CheckKind::None => return None,
-        CheckKind::Tcp => Probe::Tcp(SocketAddr::new(b.addr, port)),
-        CheckKind::Amqp => Probe::Amqp(SocketAddr::new(b.addr, port)),
+        CheckKind::Tcp => Probe::Tcp(SocketAddr::new(b.addr, svc.check_port()?)),
+        CheckKind::Amqp => Probe::Amqp(SocketAddr::new(b.addr, svc.check_port()?)),
         CheckKind::Http(url) => Probe::Http {
             url: expand_url(url, b.addr),
             auth: match (&c.user, &c.password) {
@@ -1282,7 +1285,7 @@ mod tests {
             ),
             (5000, 1500, 1, 2, 0)
         );
-        let s = c.summary(5672);
+        let s = c.summary(Some(5672));
         assert_eq!(
             s,
             "http:http://{backend}:15672/api/health/checks/alarms as guest:*** every 5s \
@@ -1312,7 +1315,7 @@ mod tests {
         .unwrap();
         assert_eq!(c3.port, None, "0 goes back to the service port");
         assert_eq!(
-            c3.summary(5672),
+            c3.summary(Some(5672)),
             "amqp :5672 every 2s (timeout 1s, rise 2, fall 3), panic below 50%"
         );
     }
@@ -1776,5 +1779,22 @@ mod tests {
         );
         s.services[0].health.check = CheckKind::None;
         assert!(targets(&s.services[0]).is_empty());
+
+        // A port-range service probes its check port (it must have one).
+        s.services[0].vip = crate::state::parse_vip("10.0.0.10:5004-5099").unwrap();
+        s.services[0].health.check = CheckKind::Tcp;
+        assert_eq!(
+            targets(&s.services[0])[0].probe,
+            Probe::Tcp("10.0.1.1:5673".parse().unwrap())
+        );
+        s.services[0].health.port = None;
+        assert!(
+            targets(&s.services[0]).is_empty(),
+            "no port: nothing to probe"
+        );
+        assert!(s.services[0]
+            .health
+            .summary(None)
+            .starts_with("tcp (no check port) every"));
     }
 }

@@ -6,7 +6,7 @@
 //!
 //! [[service]]
 //! name = "amqp"
-//! vip = "10.0.0.10:5672"
+//! vip = "10.0.0.10:5672"       # IP:PORT, IP:LO-HI (a port range) or IP:*
 //! proto = "tcp"
 //! hash = "five-tuple"           # five-tuple | src-ip | rtp
 //! ring_size = 65537
@@ -64,9 +64,10 @@ use crate::{
     health::{CheckKind, HealthConfig, HealthSpec, MAX_RISE_FALL, REDACTED},
     loader::Mode,
     state::{
-        check_name, check_ring_size, check_udp_idle, check_weight, parse_backend_addr, parse_vip,
-        BackendSpec, BackendState, BackendUpdate, Hash, Proto, Service, ServiceSpec, State,
-        StateError, DEFAULT_UDP_IDLE_S, DEFAULT_WEIGHT,
+        check_health_port, check_name, check_ring_size, check_udp_idle, check_weight,
+        parse_backend_addr, parse_vip, vip_conflict, BackendSpec, BackendState, BackendUpdate,
+        Hash, Proto, Service, ServiceSpec, State, StateError, Vip, VipClaim, DEFAULT_UDP_IDLE_S,
+        DEFAULT_WEIGHT,
     },
 };
 
@@ -146,7 +147,7 @@ pub struct Desired {
 #[serde(deny_unknown_fields)]
 pub struct ServiceEntry {
     pub name: String,
-    /// `IP:PORT`.
+    /// `IP:PORT`, `IP:LO-HI` or `IP:*` (see [`parse_vip`]).
     pub vip: String,
     pub proto: Proto,
     #[serde(default)]
@@ -258,12 +259,12 @@ pub enum Change {
     },
     AddService {
         service: String,
-        vip: SocketAddr,
+        vip: Vip,
         proto: Proto,
     },
     DelService {
         service: String,
-        vip: SocketAddr,
+        vip: Vip,
         proto: Proto,
     },
     /// One setting of a kept service (`field` is the file's key).
@@ -670,7 +671,7 @@ pub fn to_toml(d: &Desired) -> String {
 struct Norm {
     index: usize,
     name: String,
-    vip: SocketAddr,
+    vip: Vip,
     proto: Proto,
     hash: Hash,
     udp_idle_s: u32,
@@ -832,7 +833,7 @@ fn norm_health(e: &ServiceEntry, at: &At, secrets: Secrets) -> Result<HealthConf
 /// Validates every entry on its own and against the others, in file order.
 fn normalize(d: &Desired, secrets: Secrets) -> Result<Vec<Norm>, ApplyError> {
     let mut names: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut vips: BTreeMap<(SocketAddr, Proto), &str> = BTreeMap::new();
+    let mut vips: BTreeMap<(VipClaim, Proto), (&str, Vip)> = BTreeMap::new();
     let mut out = Vec::with_capacity(d.service.len());
     for (i, e) in d.service.iter().enumerate() {
         let at = At {
@@ -854,15 +855,11 @@ fn normalize(d: &Desired, secrets: Secrets) -> Result<Vec<Norm>, ApplyError> {
             ));
         }
         let vip = parse_vip(&e.vip).map_err(at.bad("vip"))?;
-        if vip.is_ipv6() {
+        if vip.ip().is_ipv6() {
             return Err(at.err("vip", StateError::Ipv6Unsupported, 400));
         }
-        if let Some(other) = vips.insert((vip, e.proto), &e.name) {
-            let dup = StateError::DuplicateVip {
-                vip,
-                proto: e.proto,
-                other: other.into(),
-            };
+        if let Some((other, other_vip)) = vips.insert((vip.claim(), e.proto), (&e.name, vip)) {
+            let dup = vip_conflict(vip, e.proto, other, other_vip);
             return Err(at.err("vip", dup, 400));
         }
         let udp_idle_s = check_udp_idle(e.udp_idle.unwrap_or(DEFAULT_UDP_IDLE_S.into()))
@@ -870,6 +867,13 @@ fn normalize(d: &Desired, secrets: Secrets) -> Result<Vec<Norm>, ApplyError> {
         let ring_size = check_ring_size(e.ring_size.unwrap_or(RING_DEFAULT.into()))
             .map_err(at.bad("ring_size"))?;
         let health = norm_health(e, &at, secrets)?;
+        // Point at check_port = 0 if the file has it, else at the check.
+        let field = if e.check_port.is_some() {
+            "check_port"
+        } else {
+            "check"
+        };
+        check_health_port(vip, &health).map_err(at.bad(field))?;
         let mut seen = BTreeSet::new();
         let mut backends = Vec::with_capacity(e.backends.len());
         for (j, b) in e.backends.iter().enumerate() {
@@ -879,7 +883,7 @@ fn normalize(d: &Desired, secrets: Secrets) -> Result<Vec<Norm>, ApplyError> {
                 backend: Some((j, &b.ip)),
             };
             let addr = parse_backend_addr(&b.ip).map_err(at.bad("ip"))?;
-            if addr.is_ipv4() != vip.is_ipv4() {
+            if addr.is_ipv4() != vip.ip().is_ipv4() {
                 let family = |a: IpAddr| if a.is_ipv4() { "ipv4" } else { "ipv6" };
                 let e = StateError::FamilyMismatch {
                     service: e.name.clone(),
@@ -1699,5 +1703,108 @@ weight = 5
         let json = serde_json::to_value(&c).unwrap();
         assert_eq!(json["change"], "set_backend");
         assert_eq!(serde_json::from_value::<Change>(json).unwrap(), c);
+    }
+
+    const RANGES: &str = r#"
+[[service]]
+name = "media"
+vip = "10.0.0.10:5004-5099"
+proto = "udp"
+hash = "rtp"
+ring_size = 7
+check = "tcp"
+check_port = 8080
+backends = [{ ip = "10.0.2.1" }, { ip = "10.0.2.2" }]
+
+[[service]]
+name = "rtcp-5005"
+vip = "10.0.0.10:5005"
+proto = "udp"
+ring_size = 7
+backends = [{ ip = "10.0.2.3" }]
+
+[[service]]
+name = "any"
+vip = "10.0.0.11:*"
+proto = "udp"
+ring_size = 7
+"#;
+
+    #[test]
+    fn port_ranges_round_trip_through_the_file() {
+        let (s, changes) = apply_to(&State::default(), &desired(RANGES)).unwrap();
+        let media = s.service("media").unwrap();
+        assert_eq!((media.vip.lo(), media.vip.hi()), (5004, 5099));
+        assert_eq!(media.check_port(), Some(8080));
+        assert_eq!(s.service("any").unwrap().vip.to_string(), "10.0.0.11:*");
+        assert_eq!(
+            lines(&changes)
+                .into_iter()
+                .filter(|l| l.contains("service"))
+                .collect::<Vec<_>>(),
+            [
+                "+ service media 10.0.0.10:5004-5099/udp",
+                "+ service rtcp-5005 10.0.0.10:5005/udp",
+                "+ service any 10.0.0.11:*/udp",
+            ]
+        );
+        let d = export(&s);
+        let text = to_toml(&d);
+        assert!(text.contains("vip = \"10.0.0.10:5004-5099\"\n"), "{text}");
+        assert!(text.contains("vip = \"10.0.0.11:*\"\n"), "{text}");
+        assert_eq!(desired(&text), d);
+        let (next, changes) = apply_to(&s, &desired(&text)).unwrap();
+        assert_eq!(
+            (next, changes),
+            (s.clone(), vec![]),
+            "apply(export()) is a no-op"
+        );
+
+        // A range that moves, and an exact port that becomes a range.
+        let moved = RANGES
+            .replace("10.0.0.10:5004-5099", "10.0.0.10:6000-6999")
+            .replace("10.0.0.11:*", "10.0.0.11:7000");
+        let (_, changes) = apply_to(&s, &desired(&moved)).unwrap();
+        assert_eq!(
+            lines(&changes),
+            [
+                "~ service media vip 10.0.0.10:5004-5099 -> 10.0.0.10:6000-6999",
+                "~ service any vip 10.0.0.11:* -> 10.0.0.11:7000",
+            ]
+        );
+    }
+
+    #[test]
+    fn port_range_mistakes_name_their_line() {
+        let second = format!(
+            "{RANGES}\n[[service]]\nname = \"media2\"\nvip = \"10.0.0.10:*\"\nproto = \"udp\"\n"
+        );
+        let line = second
+            .lines()
+            .position(|l| l == "vip = \"10.0.0.10:*\"")
+            .unwrap()
+            + 1;
+        assert_eq!(
+            file_error(&second),
+            format!(
+                "mqlb.toml:{line}: field vip (service media2): 10.0.0.10/udp already has a port \
+                 range: service media (10.0.0.10:5004-5099); one range per vip and protocol \
+                 (exact-port services on the vip are fine, inside the range too)"
+            )
+        );
+        let no_port = RANGES.replace("check_port = 8080\n", "");
+        assert!(file_error(&RANGES.replace("8080", "0"))
+            .starts_with("mqlb.toml:9: field check_port (service media): a tcp check"));
+        assert_eq!(
+            file_error(&no_port),
+            "mqlb.toml:8: field check (service media): a tcp check of port-range service \
+             10.0.0.10:5004-5099 needs a check port (--check-port PORT): a range has no single \
+             service port to probe"
+        );
+        assert_eq!(
+            file_error(&RANGES.replace("5004-5099", "5099-5004")),
+            "mqlb.toml:4: field vip (service media): bad address \"10.0.0.10:5099-5004\": port \
+             range 5099-5004 runs backwards: write LO-HI with LO <= HI, e.g. 5004-5099"
+        );
     }
 }

@@ -8,9 +8,18 @@
 //! 2. `BACKENDS` entries (a new backend exists before a ring names it);
 //! 3. slots of the *inactive* ring half of each service that differ from what
 //!    that half already holds;
-//! 4. `SERVICES` values: pointing a service at the freshly written half is one
+//! 4. `RANGES` raised, if the port-range entries about to exist outnumber it;
+//! 5. `SERVICES` values: pointing a service at the freshly written half is one
 //!    map update, the atomic table swap;
-//! 5. `SERVICES` deletions.
+//! 6. `SERVICES` deletions;
+//! 7. `RANGES` lowered to the number of port-range services, if it is above.
+//!
+//! `RANGES` gates the program's second lookup (a VIP's port range, under key
+//! port `RANGE_PORT`, after the exact port missed): while it is 0 no range
+//! entry is looked at. Raising it before the `SERVICES` writes and lowering
+//! it after the deletions keeps it at least the number of range entries the
+//! map holds at every moment, so a range entry is live from the write that
+//! creates it; a count above that only costs a lookup that misses.
 //!
 //! Health checks ([`Health`]) shape both: a backend whose check says down is
 //! out of its table and written `DOWN` (the program re-hashes its
@@ -26,7 +35,7 @@ use std::{
 use lb_common::{
     backend_flags, backend_state,
     maglev::{self, MaglevBackend},
-    ring_base, v4_mapped, Backend as MapBackend, ServiceKey, ServiceValue, RING_MAX,
+    ring_base, v4_mapped, Backend as MapBackend, ServiceKey, ServiceValue, RANGE_PORT, RING_MAX,
 };
 
 use crate::state::{Backend, BackendState, Service, State};
@@ -93,6 +102,8 @@ pub struct Applied {
     /// (service id, half) → the first slots of that ring half, as far as known.
     /// Slots past the end (or a missing half) are unknown and always written.
     pub rings: BTreeMap<(u32, u32), Vec<u32>>,
+    /// `RANGES[RANGES_COUNT]`.
+    pub ranges: u32,
 }
 
 /// Map writes, in the order they must be applied (see the module doc).
@@ -103,8 +114,14 @@ pub struct Plan {
     pub backends: Vec<(u32, MapBackend)>,
     /// (service id, half, slot, backend id).
     pub ring_writes: Vec<RingWrite>,
+    /// `RANGES[RANGES_COUNT]` before the `SERVICES` writes: the range
+    /// entries the map will hold once they are done, if more than it says.
+    pub ranges_raise: Option<u32>,
     pub services: Vec<(ServiceKey, ServiceValue)>,
     pub service_deletes: Vec<ServiceKey>,
+    /// `RANGES[RANGES_COUNT]` after the deletions: the number of port-range
+    /// services, if the count is above it.
+    pub ranges_lower: Option<u32>,
 }
 
 /// One slot of one ring half.
@@ -130,24 +147,39 @@ impl Plan {
 
     /// One line for the log.
     pub fn summary(&self) -> String {
-        format!(
+        let mut s = format!(
             "{} backend entries, {} ring slots, {} service updates, {} service deletions",
             self.backends.len(),
             self.ring_writes.len(),
             self.services.len(),
             self.service_deletes.len()
-        )
+        );
+        if let Some(n) = self.ranges_lower.or(self.ranges_raise) {
+            s.push_str(&format!(", range count {n}"));
+        }
+        s
+    }
+
+    /// What `RANGES[RANGES_COUNT]` holds once the plan is applied.
+    pub fn ranges_after(&self, before: u32) -> u32 {
+        self.ranges_lower.or(self.ranges_raise).unwrap_or(before)
     }
 }
 
-/// The `SERVICES` key of a service.
+/// The `SERVICES` key of a service: its port, or `RANGE_PORT` for a
+/// port-range service (the value holds the range).
 pub fn service_key(svc: &Service) -> ServiceKey {
     ServiceKey {
         addr: addr16(svc.vip.ip()),
-        port_be: svc.vip.port().to_be(),
+        port_be: svc.vip.port().unwrap_or(RANGE_PORT).to_be(),
         proto: svc.proto.number(),
         _pad: 0,
     }
+}
+
+/// Whether a `SERVICES` key is a VIP's port-range entry.
+pub const fn is_range_key(key: &ServiceKey) -> bool {
+    key.port_be == RANGE_PORT.to_be()
 }
 
 /// An address as every map stores it (IPv4-mapped for IPv4).
@@ -293,6 +325,10 @@ pub fn plan(
             hash_mode: svc.hash.mode() as u8,
             ..Default::default()
         };
+        if svc.vip.is_range() {
+            value.port_lo = svc.vip.lo();
+            value.port_hi = svc.vip.hi();
+        }
         if !table.is_empty() {
             let live_half = live.filter(|v| v.ring_size > 0).map(half_of);
             let unchanged = live_half.is_some_and(|h| {
@@ -346,6 +382,25 @@ pub fn plan(
         .sort_unstable_by_key(|k| (k.addr, k.port_be, k.proto));
     plan.reset_service_stats.sort_unstable();
     plan.reset_service_stats.dedup();
+
+    // The range entries between the writes and the deletions: those the map
+    // holds plus those the plan adds; after the deletions, the wanted ones.
+    let during = applied
+        .services
+        .keys()
+        .chain(plan.services.iter().map(|(k, _)| k))
+        .filter(|k| is_range_key(k))
+        .collect::<HashSet<_>>()
+        .len() as u32;
+    let wanted = wanted_keys.iter().filter(|k| is_range_key(k)).count() as u32;
+    let mut count = applied.ranges;
+    if during > count {
+        plan.ranges_raise = Some(during);
+        count = during;
+    }
+    if count > wanted {
+        plan.ranges_lower = Some(wanted);
+    }
     plan
 }
 
@@ -378,6 +433,7 @@ impl Applied {
         for key in &plan.service_deletes {
             self.services.remove(key);
         }
+        self.ranges = plan.ranges_after(self.ranges);
     }
 }
 
@@ -848,5 +904,141 @@ mod tests {
         let counts = maglev::slot_counts(&table(&s.services[0], &Health::default()));
         let ratio = counts[&b] as f64 / counts[&a] as f64;
         assert!((2.8..3.2).contains(&ratio), "ratio {ratio}");
+    }
+
+    fn add_svc(s: &mut State, name: &str, vip: &str) -> u32 {
+        s.add_service(&ServiceSpec {
+            name: name.into(),
+            vip: vip.into(),
+            proto: Proto::Udp,
+            hash: Hash::Rtp,
+            udp_idle_s: None,
+            ring_size: Some(RING),
+            health: Default::default(),
+        })
+        .unwrap()
+        .id
+    }
+
+    fn range_key(addr: [u8; 4]) -> ServiceKey {
+        ServiceKey {
+            addr: v4_mapped(addr),
+            port_be: RANGE_PORT.to_be(),
+            proto: lb_common::PROTO_UDP,
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn a_range_service_is_keyed_on_port_0_with_its_range_in_the_value() {
+        let mut s = State::default();
+        let media = add_svc(&mut s, "media", "10.0.0.10:5004-5099");
+        let exact = add_svc(&mut s, "exact", "10.0.0.10:5010");
+        let all = add_svc(&mut s, "all", "10.0.0.11:*");
+        let mut applied = Applied::default();
+        let p = step(&s, &mut applied);
+        let by_id: BTreeMap<u32, (ServiceKey, ServiceValue)> =
+            p.services.iter().map(|&(k, v)| (v.id, (k, v))).collect();
+        let (k, v) = by_id[&media];
+        assert_eq!(k, range_key([10, 0, 0, 10]));
+        assert!(is_range_key(&k));
+        assert_eq!((v.port_lo, v.port_hi), (5004, 5099));
+        let (k, v) = by_id[&exact];
+        assert_eq!(k.port_be, 5010u16.to_be());
+        assert!(!is_range_key(&k));
+        assert_eq!((v.port_lo, v.port_hi), (0, 0), "exact: no range");
+        let (k, v) = by_id[&all];
+        assert_eq!(k, range_key([10, 0, 0, 11]));
+        assert_eq!((v.port_lo, v.port_hi), (1, 65535));
+        // Two range services: RANGES counts them, raised before the writes.
+        assert_eq!((p.ranges_raise, p.ranges_lower), (Some(2), None));
+        assert_eq!(applied.ranges, 2);
+        assert!(step(&s, &mut applied).is_empty(), "then nothing to do");
+        // A change of range is a value update under the same key.
+        s.services[0].vip = crate::state::parse_vip("10.0.0.10:6000-6999").unwrap();
+        let p = step(&s, &mut applied);
+        assert_eq!(p.services.len(), 1);
+        assert_eq!(
+            (p.services[0].1.port_lo, p.services[0].1.port_hi),
+            (6000, 6999)
+        );
+        assert_eq!((p.ranges_raise, p.ranges_lower), (None, None));
+    }
+
+    #[test]
+    fn ranges_count_never_falls_below_the_range_entries_in_the_map() {
+        let mut s = State::default();
+        let mut applied = Applied::default();
+        add_svc(&mut s, "exact", "10.0.0.10:5010");
+        let p = step(&s, &mut applied);
+        assert_eq!(
+            (p.ranges_raise, p.ranges_lower),
+            (None, None),
+            "no range: 0 stays"
+        );
+
+        // First range: raised before its entry is written.
+        add_svc(&mut s, "a", "10.0.0.10:5004-5099");
+        let p = step(&s, &mut applied);
+        assert_eq!((p.ranges_raise, p.ranges_lower), (Some(1), None));
+        assert_eq!(applied.ranges, 1);
+
+        // Range a replaced by range b (another vip) in one plan: b's entry is
+        // written before a's is deleted, so the count covers both meanwhile.
+        s.del_service("a").unwrap();
+        add_svc(&mut s, "b", "10.0.0.11:*");
+        let p = step(&s, &mut applied);
+        assert_eq!(p.service_deletes, [range_key([10, 0, 0, 10])]);
+        assert_eq!((p.ranges_raise, p.ranges_lower), (Some(2), Some(1)));
+        assert_eq!(applied.ranges, 1);
+
+        // Range b becomes exact: its range entry goes, lowered after that.
+        s.services[1].vip = crate::state::parse_vip("10.0.0.11:7000").unwrap();
+        let p = step(&s, &mut applied);
+        assert_eq!(p.service_deletes, [range_key([10, 0, 0, 11])]);
+        assert_eq!((p.ranges_raise, p.ranges_lower), (None, Some(0)));
+        assert_eq!(applied.ranges, 0);
+
+        // A stale count in the map (e.g. left by a crash) is corrected.
+        add_svc(&mut s, "c", "10.0.0.12:5004-5005");
+        step(&s, &mut applied);
+        applied.ranges = 5;
+        let p = plan(&s, &Health::default(), &no_hops(), src(), &applied);
+        assert_eq!((p.ranges_raise, p.ranges_lower), (None, Some(1)));
+        applied.ranges = 0;
+        let p = plan(&s, &Health::default(), &no_hops(), src(), &applied);
+        assert_eq!((p.ranges_raise, p.ranges_lower), (Some(1), None));
+    }
+
+    #[test]
+    fn ranges_writes_bracket_the_service_writes_when_applied() {
+        use crate::dataplane::{apply, read_applied, MemDataplane};
+        let mut s = State::default();
+        add_svc(&mut s, "a", "10.0.0.10:5004-5099");
+        let mut dp = MemDataplane::default();
+        let mut applied = read_applied(&dp, &s).unwrap();
+        let p = plan(&s, &Health::default(), &no_hops(), src(), &applied);
+        // Order of the writes: the count (1) first, then the entry.
+        dp.fail_at = Some(p.reset_service_stats.len() + 1);
+        assert!(apply(&mut dp, &p).is_err());
+        assert_eq!(dp.ranges, 1, "count raised before the entry exists");
+        assert!(dp.services.is_empty());
+        dp.fail_at = None;
+        apply(&mut dp, &p).unwrap();
+        applied.record(&p);
+        assert_eq!(read_applied(&dp, &s).unwrap(), applied, "reads back alike");
+
+        // Deleting it: the entry goes first, then the count.
+        s.del_service("a").unwrap();
+        let p = plan(&s, &Health::default(), &no_hops(), src(), &applied);
+        let writes = dp.writes;
+        dp.fail_at = Some(writes + p.reset_service_stats.len() + 1);
+        assert!(apply(&mut dp, &p).is_err());
+        assert!(dp.services.is_empty(), "entry deleted");
+        assert_eq!(dp.ranges, 1, "count still covers it");
+        dp.fail_at = None;
+        apply(&mut dp, &p).unwrap();
+        assert_eq!(dp.ranges, 0);
+        assert_eq!(dp.ranges_writes, [1, 1, 0]);
     }
 }

@@ -56,6 +56,8 @@ impl FlowReason {
 pub struct FlowView {
     pub service: String,
     pub client: SocketAddr,
+    /// The destination probed: the VIP's address and port (of a port-range
+    /// service, the port asked for, else its lowest).
     pub vip: SocketAddr,
     pub proto: Proto,
     /// The outer destination of the IPIP packet the program sent.
@@ -91,6 +93,16 @@ pub fn parse_client(input: &str) -> Result<SocketAddrV4, StateError> {
         Ok(SocketAddr::V4(_)) => Err(bad("the client port must not be 0")),
         Ok(SocketAddr::V6(_)) => Err(bad("the data plane forwards ipv4 only")),
         Err(_) => Err(bad("expected IPV4:PORT")),
+    }
+}
+
+/// A destination port for a probe: 1-65535.
+pub fn parse_port(input: &str) -> Result<u16, StateError> {
+    match input.trim().parse::<u16>() {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(StateError::BadPort {
+            input: input.into(),
+        }),
     }
 }
 

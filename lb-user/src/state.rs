@@ -54,9 +54,42 @@ pub enum StateError {
     DuplicateName { name: String },
     #[error("{vip}/{proto} is already used by service {other}")]
     DuplicateVip {
-        vip: SocketAddr,
+        vip: Vip,
         proto: Proto,
         other: String,
+    },
+    #[error(
+        "{ip}/{proto} already has a port range: service {other} ({other_vip}); one range per \
+         vip and protocol (exact-port services on the vip are fine, inside the range too)"
+    )]
+    DuplicateRange {
+        ip: IpAddr,
+        proto: Proto,
+        other: String,
+        other_vip: Vip,
+    },
+    #[error(
+        "a {check} check of port-range service {vip} needs a check port (--check-port PORT): \
+         a range has no single service port to probe"
+    )]
+    RangeNeedsCheckPort { vip: Vip, check: &'static str },
+    #[error("bad port {input:?}: expected a number from 1 to 65535")]
+    BadPort { input: String },
+    #[error("port {port} is not a port of service {service} ({vip})")]
+    PortNotInVip {
+        service: String,
+        vip: Vip,
+        port: u16,
+    },
+    #[error(
+        "port {port} of service {service} belongs to service {other} ({other_vip}): an exact \
+         port wins over a range; ask `mqlb flow {other}`"
+    )]
+    PortOwnedByExact {
+        service: String,
+        port: u16,
+        other: String,
+        other_vip: Vip,
     },
     #[error(
         "invalid service name {name:?}: use 1-{MAX_NAME_LEN} letters, digits, '.', '_' or '-', \
@@ -108,6 +141,7 @@ impl StateError {
             StateError::UnknownService { .. } | StateError::BackendNotFound { .. } => 404,
             StateError::DuplicateName { .. }
             | StateError::DuplicateVip { .. }
+            | StateError::DuplicateRange { .. }
             | StateError::BackendExists { .. }
             | StateError::TooManyServices
             | StateError::TooManyBackends => 409,
@@ -251,13 +285,14 @@ pub struct Backend {
     pub state: BackendState,
 }
 
-/// One service (VIP:port/proto) and its backends, ordered by address.
+/// One service (VIP:port/proto or VIP:LO-HI/proto) and its backends,
+/// ordered by address.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
     /// Index in `SVC_STATS`; also picks the service's two Maglev rings.
     pub id: u32,
     pub name: String,
-    pub vip: SocketAddr,
+    pub vip: Vip,
     pub proto: Proto,
     pub hash: Hash,
     pub udp_idle_s: u32,
@@ -279,6 +314,12 @@ impl Service {
 
     pub fn backend(&self, addr: IpAddr) -> Option<&Backend> {
         self.backends.iter().find(|b| b.addr == addr)
+    }
+
+    /// The port `tcp` and `amqp` checks probe: the check port, else the
+    /// service port (`None` for a port-range service without a check port).
+    pub fn check_port(&self) -> Option<u16> {
+        self.health.port.or(self.vip.port())
     }
 
     /// Backends that are in the Maglev table.
@@ -327,7 +368,7 @@ impl Default for State {
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     pub name: String,
-    /// `IP:PORT` (`[v6]:PORT` for IPv6).
+    /// `IP:PORT`, `IP:LO-HI` or `IP:*` (`[v6]:PORT` for IPv6); see [`parse_vip`].
     pub vip: String,
     pub proto: Proto,
     #[serde(default)]
@@ -372,24 +413,241 @@ pub struct BackendUpdate {
     pub state: Option<BackendState>,
 }
 
-/// Parses `IP:PORT` (or `[IPv6]:PORT`) for a VIP.
-pub fn parse_vip(input: &str) -> Result<SocketAddr, StateError> {
-    let bad = |reason: &str| StateError::BadAddress {
-        input: input.into(),
-        reason: reason.into(),
-    };
-    let vip: SocketAddr = input.parse().map_err(|_| {
-        if input.parse::<IpAddr>().is_ok() {
-            bad("give the vip as IP:PORT")
-        } else {
-            bad("expected IP:PORT, e.g. 10.0.0.10:5672")
+/// Where a service listens: an address and one port (`IP:PORT`) or a port
+/// range (`IP:LO-HI`; `IP:*` is every port, 1-65535). IPv6 addresses go in
+/// brackets: `[2001:db8::1]:5004-5099`.
+///
+/// Saved, sent and shown as that text ([`parse_vip`] reads it back), so an
+/// exact-port VIP reads exactly as the `SocketAddr` older state files hold.
+/// A range of one port (`IP:5004-5004`) is that exact port.
+///
+/// On one address and protocol, services may not share an exact port, and
+/// there is at most one range ([`Vip::claim`]); an exact-port service inside
+/// a range takes its port from it (the program looks the exact port up first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Vip {
+    ip: IpAddr,
+    lo: u16,
+    hi: u16,
+}
+
+impl Vip {
+    /// One address and port.
+    pub const fn exact(addr: SocketAddr) -> Vip {
+        let port = addr.port();
+        Vip {
+            ip: addr.ip(),
+            lo: port,
+            hi: port,
         }
-    })?;
-    if vip.port() == 0 {
-        return Err(bad("port must be 1-65535"));
     }
-    check_unicast(vip.ip()).map_err(bad)?;
-    Ok(vip)
+
+    pub const fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    /// The lowest port (the port of an exact-port VIP).
+    pub const fn lo(&self) -> u16 {
+        self.lo
+    }
+
+    /// The highest port (the port of an exact-port VIP).
+    pub const fn hi(&self) -> u16 {
+        self.hi
+    }
+
+    /// A port-range VIP (`IP:LO-HI` or `IP:*`).
+    pub const fn is_range(&self) -> bool {
+        self.lo != self.hi
+    }
+
+    /// The port of an exact-port VIP; `None` for a range.
+    pub const fn port(&self) -> Option<u16> {
+        if self.is_range() {
+            None
+        } else {
+            Some(self.lo)
+        }
+    }
+
+    /// Whether traffic to `port` is for this VIP (unless an exact-port
+    /// service on the same address takes it).
+    pub const fn takes(&self, port: u16) -> bool {
+        self.lo <= port && port <= self.hi
+    }
+
+    /// What the VIP claims on its address (per protocol): its exact port,
+    /// or `None` for the address's one port range. Two services conflict
+    /// when their address, protocol and claim are equal.
+    pub const fn claim(&self) -> VipClaim {
+        (self.ip, self.port())
+    }
+
+    /// The VIP's address with `port`.
+    pub const fn with_port(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.ip, port)
+    }
+}
+
+/// What a [`Vip`] claims on its address: its exact port, or `None` for
+/// the one port range (see [`Vip::claim`]).
+pub type VipClaim = (IpAddr, Option<u16>);
+
+impl From<SocketAddr> for Vip {
+    fn from(addr: SocketAddr) -> Self {
+        Vip::exact(addr)
+    }
+}
+
+impl fmt::Display for Vip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip {
+            IpAddr::V4(a) => write!(f, "{a}:")?,
+            IpAddr::V6(a) => write!(f, "[{a}]:")?,
+        }
+        match (self.lo, self.hi) {
+            (lo, hi) if lo == hi => write!(f, "{lo}"),
+            (1, u16::MAX) => f.write_str("*"),
+            (lo, hi) => write!(f, "{lo}-{hi}"),
+        }
+    }
+}
+
+impl FromStr for Vip {
+    type Err = StateError;
+    fn from_str(s: &str) -> Result<Self, StateError> {
+        parse_vip(s)
+    }
+}
+
+impl Serialize for Vip {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Vip {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_vip(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses a VIP: `IP:PORT`, `IP:LO-HI` or `IP:*`; IPv6 as `[ADDR]:PORT`,
+/// `[ADDR]:LO-HI`, `[ADDR]:*`. Ports are 1-65535 and LO <= HI. The one
+/// parser the CLI, the API, the state file and `mqlb apply` use.
+pub fn parse_vip(input: &str) -> Result<Vip, StateError> {
+    const FORMS: &str = "IP:PORT, IP:LO-HI or IP:*";
+    let bad = |reason: String| StateError::BadAddress {
+        input: input.into(),
+        reason,
+    };
+    let text = input.trim();
+    let (ip, ports): (IpAddr, &str) = if let Some(rest) = text.strip_prefix('[') {
+        let (addr, ports) = rest.split_once(']').ok_or_else(|| {
+            bad("no closing ']': write an ipv6 vip as [ADDR]:PORT, e.g. [2001:db8::1]:5004".into())
+        })?;
+        let ip: std::net::Ipv6Addr = addr
+            .parse()
+            .map_err(|_| bad(format!("{addr:?} in brackets is not an ipv6 address")))?;
+        let ports = ports
+            .strip_prefix(':')
+            .ok_or_else(|| bad("give the vip as [ADDR]:PORT, [ADDR]:LO-HI or [ADDR]:*".into()))?;
+        (ip.into(), ports)
+    } else {
+        match text.parse::<IpAddr>() {
+            Ok(IpAddr::V4(_)) => return Err(bad(format!("give the vip as {FORMS}"))),
+            Ok(IpAddr::V6(_)) => {
+                return Err(bad(
+                    "give the vip as [ADDR]:PORT (an ipv6 address goes in brackets)".into(),
+                ))
+            }
+            Err(_) => {}
+        }
+        let (addr, ports) = text
+            .rsplit_once(':')
+            .ok_or_else(|| bad(format!("expected {FORMS}, e.g. 10.0.0.10:5672")))?;
+        if addr.contains(':') {
+            return Err(bad(
+                "put an ipv6 address in brackets: [ADDR]:PORT or [ADDR]:LO-HI".into(),
+            ));
+        }
+        let ip: std::net::Ipv4Addr = addr
+            .parse()
+            .map_err(|_| bad(format!("expected {FORMS}, e.g. 10.0.0.10:5672")))?;
+        (ip.into(), ports)
+    };
+    let port = |p: &str| -> Result<u16, StateError> {
+        let n: u16 = p
+            .bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| p.parse().ok())
+            .flatten()
+            .ok_or_else(|| {
+                bad(format!(
+                    "{p:?} is not a port: ports are 1-65535 (write {FORMS})"
+                ))
+            })?;
+        if n == 0 {
+            return Err(bad("port must be 1-65535".into()));
+        }
+        Ok(n)
+    };
+    let (lo, hi) = match ports {
+        "*" => (1, u16::MAX),
+        p => match p.split_once('-') {
+            Some((lo, hi)) => {
+                let (lo, hi) = (port(lo)?, port(hi)?);
+                if lo > hi {
+                    return Err(bad(format!(
+                        "port range {lo}-{hi} runs backwards: write LO-HI with LO <= HI, \
+                         e.g. {hi}-{lo}"
+                    )));
+                }
+                (lo, hi)
+            }
+            None => {
+                let p = port(p)?;
+                (p, p)
+            }
+        },
+    };
+    check_unicast(ip).map_err(|r| bad(r.into()))?;
+    Ok(Vip { ip, lo, hi })
+}
+
+/// The error for a service `vip`/`proto` that claims what service `other`
+/// (with `other_vip`) already has (see [`Vip::claim`]).
+pub fn vip_conflict(vip: Vip, proto: Proto, other: &str, other_vip: Vip) -> StateError {
+    if vip.is_range() {
+        StateError::DuplicateRange {
+            ip: vip.ip(),
+            proto,
+            other: other.into(),
+            other_vip,
+        }
+    } else {
+        StateError::DuplicateVip {
+            vip,
+            proto,
+            other: other.into(),
+        }
+    }
+}
+
+/// Checks that the health checks of a service on `vip` have a port to
+/// probe: a port-range service's `tcp` and `amqp` checks need a check port.
+pub fn check_health_port(vip: Vip, health: &HealthConfig) -> Result<(), StateError> {
+    use crate::health::CheckKind;
+    let check = match health.check {
+        CheckKind::Tcp => "tcp",
+        CheckKind::Amqp => "amqp",
+        CheckKind::None | CheckKind::Http(_) => return Ok(()),
+    };
+    if vip.is_range() && health.port.is_none() {
+        return Err(StateError::RangeNeedsCheckPort { vip, check });
+    }
+    Ok(())
 }
 
 /// Parses a backend address.
@@ -512,12 +770,13 @@ impl State {
     pub fn add_service(&mut self, spec: &ServiceSpec) -> Result<&Service, StateError> {
         check_name(&spec.name)?;
         let vip = parse_vip(&spec.vip)?;
-        if vip.is_ipv6() {
+        if vip.ip().is_ipv6() {
             return Err(StateError::Ipv6Unsupported);
         }
         let udp_idle_s = check_udp_idle(spec.udp_idle_s.unwrap_or(DEFAULT_UDP_IDLE_S as u64))?;
         let ring_size = check_ring_size(spec.ring_size.unwrap_or(RING_DEFAULT as u64))?;
         let health = HealthConfig::default().apply(&spec.health)?;
+        check_health_port(vip, &health)?;
         if self.services.iter().any(|s| s.name == spec.name) {
             return Err(StateError::DuplicateName {
                 name: spec.name.clone(),
@@ -526,13 +785,9 @@ impl State {
         if let Some(other) = self
             .services
             .iter()
-            .find(|s| s.vip == vip && s.proto == spec.proto)
+            .find(|s| s.vip.claim() == vip.claim() && s.proto == spec.proto)
         {
-            return Err(StateError::DuplicateVip {
-                vip,
-                proto: spec.proto,
-                other: other.name.clone(),
-            });
+            return Err(vip_conflict(vip, spec.proto, &other.name, other.vip));
         }
         let used: BTreeSet<u32> = self.services.iter().map(|s| s.id).collect();
         let id = (1..MAX_SERVICES)
@@ -562,7 +817,9 @@ impl State {
             return Err(StateError::EmptyServiceUpdate);
         }
         let svc = self.service_mut(name)?;
-        svc.health = svc.health.apply(&update.health)?;
+        let health = svc.health.apply(&update.health)?;
+        check_health_port(svc.vip, &health)?;
+        svc.health = health;
         Ok(svc.clone())
     }
 
@@ -726,13 +983,17 @@ impl State {
                     s.name, s.id
                 ));
             }
-            if !vips.insert((s.vip, s.proto)) {
-                return Err(format!("{}/{} appears twice", s.vip, s.proto));
+            if !vips.insert((s.vip.claim(), s.proto)) {
+                return Err(match s.vip.is_range() {
+                    true => format!("{}/{} has two port ranges", s.vip.ip(), s.proto),
+                    false => format!("{}/{} appears twice", s.vip, s.proto),
+                });
             }
             check_ring_size(s.ring_size as u64).map_err(|e| e.to_string())?;
             check_udp_idle(s.udp_idle_s as u64).map_err(|e| e.to_string())?;
             s.health
                 .validate()
+                .and_then(|()| check_health_port(s.vip, &s.health))
                 .map_err(|e| format!("service {}: {e}", s.name))?;
             let mut addrs = BTreeSet::new();
             for b in &s.backends {
@@ -1298,5 +1559,211 @@ mod tests {
         assert_eq!(v["services"][0]["proto"], "tcp");
         assert_eq!(v["services"][0]["hash"], "five-tuple");
         assert_eq!(v["services"][0]["backends"][0]["state"], "active");
+    }
+
+    fn vip(s: &str) -> Vip {
+        parse_vip(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn vips_parse_and_print_in_every_form() {
+        let v = vip("10.0.0.10:5672");
+        assert_eq!(
+            (v.lo(), v.hi(), v.port(), v.is_range()),
+            (5672, 5672, Some(5672), false)
+        );
+        assert_eq!(v, Vip::exact("10.0.0.10:5672".parse().unwrap()));
+        let v = vip("10.0.0.10:5004-5099");
+        assert_eq!(
+            (v.lo(), v.hi(), v.port(), v.is_range()),
+            (5004, 5099, None, true)
+        );
+        assert!(v.takes(5004) && v.takes(5099) && !v.takes(5003) && !v.takes(5100));
+        assert_eq!(v.claim(), ("10.0.0.10".parse().unwrap(), None));
+        let v = vip("10.0.0.10:*");
+        assert_eq!((v.lo(), v.hi()), (1, 65535));
+        assert_eq!(vip("10.0.0.10:1-65535"), v, "the full range is *");
+        assert_eq!(
+            vip("10.0.0.10:5004-5004"),
+            vip("10.0.0.10:5004"),
+            "one port is exact"
+        );
+        let v = vip("[2001:db8::1]:5004-5099");
+        assert_eq!(v.ip(), "2001:db8::1".parse::<IpAddr>().unwrap());
+        assert_eq!((v.lo(), v.hi()), (5004, 5099));
+        assert_eq!(vip(" 10.0.0.10:80 "), vip("10.0.0.10:80"), "spaces around");
+        // What is printed parses back to the same VIP.
+        for (input, shown) in [
+            ("10.0.0.10:5672", "10.0.0.10:5672"),
+            ("10.0.0.10:5004-5099", "10.0.0.10:5004-5099"),
+            ("10.0.0.10:*", "10.0.0.10:*"),
+            ("10.0.0.10:1-65535", "10.0.0.10:*"),
+            ("10.0.0.10:1-65534", "10.0.0.10:1-65534"),
+            ("10.0.0.10:7-7", "10.0.0.10:7"),
+            ("[2001:db8::1]:5004", "[2001:db8::1]:5004"),
+            ("[2001:db8::1]:5004-5099", "[2001:db8::1]:5004-5099"),
+            ("[2001:db8::1]:*", "[2001:db8::1]:*"),
+        ] {
+            assert_eq!(vip(input).to_string(), shown, "{input}");
+            assert_eq!(vip(shown), vip(input), "{shown} parses back");
+        }
+        // An exact VIP prints as the SocketAddr it replaced.
+        let sa: SocketAddr = "[fd00::1]:443".parse().unwrap();
+        assert_eq!(Vip::exact(sa).to_string(), sa.to_string());
+    }
+
+    #[test]
+    fn bad_vips_say_what_is_wrong_in_one_line() {
+        let err = |s: &str| {
+            let e = parse_vip(s).unwrap_err();
+            assert!(matches!(e, StateError::BadAddress { .. }), "{s}: {e:?}");
+            let m = e.to_string();
+            assert!(!m.contains('\n'), "{m}");
+            assert!(m.starts_with(&format!("bad address {s:?}: ")), "{m}");
+            m
+        };
+        assert!(err("10.0.0.10:5099-5004").contains(
+            "port range 5099-5004 runs backwards: write LO-HI with LO <= HI, e.g. 5004-5099"
+        ));
+        assert!(err("10.0.0.10:0-100").contains("port must be 1-65535"));
+        assert!(err("10.0.0.10:0").contains("port must be 1-65535"));
+        assert!(err("10.0.0.10:5004-65536").contains("\"65536\" is not a port"));
+        assert!(err("10.0.0.10:5004-").contains("\"\" is not a port"));
+        assert!(err("10.0.0.10:-5004").contains("is not a port"));
+        assert!(err("10.0.0.10:+80").contains("is not a port"));
+        assert!(err("10.0.0.10:5004..5099").contains("IP:LO-HI"));
+        assert!(err("10.0.0.10:**").contains("is not a port"));
+        assert!(err("10.0.0.10").contains("IP:PORT, IP:LO-HI or IP:*"));
+        assert!(err("host:80").contains("IP:PORT, IP:LO-HI or IP:*"));
+        assert!(err("10.0.0.300:80").contains("IP:PORT"));
+        assert!(err("fd00::1:80").contains("brackets"));
+        assert!(err("fd00::1").contains("brackets"));
+        assert!(err("[fd00::1]").contains("[ADDR]:PORT"));
+        assert!(err("[fd00::1:80").contains("no closing ']'"));
+        assert!(err("[10.0.0.1]:80").contains("not an ipv6 address"));
+        assert!(err("0.0.0.0:1-10").contains("unspecified"));
+        assert!(err("224.0.0.1:*").contains("multicast"));
+        assert!(err("[ff02::1]:5004-5099").contains("multicast"));
+    }
+
+    #[test]
+    fn vips_serialize_as_text_and_old_files_read_alike() {
+        let mut s = with_amqp();
+        s.add_service(&spec("media", "10.0.0.10:5004-5099", Proto::Udp))
+            .unwrap();
+        s.add_service(&spec("all", "10.0.0.11:*", Proto::Udp))
+            .unwrap();
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["services"][0]["vip"], "10.0.0.10:5672", "as before");
+        assert_eq!(v["services"][1]["vip"], "10.0.0.10:5004-5099");
+        assert_eq!(v["services"][2]["vip"], "10.0.0.11:*");
+        let back: State = serde_json::from_value(v).unwrap();
+        assert_eq!(back, s);
+        back.check().unwrap();
+        let bad = r#"{"format":1,"seed":0,"removed":[],"services":[{"id":1,"name":"a",
+            "vip":"10.0.0.10:9-1","proto":"tcp","hash":"five-tuple","udp_idle_s":60,
+            "ring_size":13,"backends":[]}]}"#;
+        let e = serde_json::from_str::<State>(bad).unwrap_err().to_string();
+        assert!(e.contains("runs backwards"), "{e}");
+    }
+
+    #[test]
+    fn a_range_and_exact_ports_share_a_vip_but_not_two_ranges() {
+        let mut s = State::default();
+        s.add_service(&spec("media", "10.0.0.10:5004-5099", Proto::Udp))
+            .unwrap();
+        // Exact ports on the range's VIP: inside the range or not.
+        s.add_service(&spec("inside", "10.0.0.10:5010", Proto::Udp))
+            .unwrap();
+        s.add_service(&spec("outside", "10.0.0.10:6000", Proto::Udp))
+            .unwrap();
+        // A range on another protocol or another address.
+        s.add_service(&spec("tcp-range", "10.0.0.10:5004-5099", Proto::Tcp))
+            .unwrap();
+        s.add_service(&spec("other-ip", "10.0.0.11:*", Proto::Udp))
+            .unwrap();
+        s.check().unwrap();
+        let before = s.clone();
+        for other in ["10.0.0.10:5004-5099", "10.0.0.10:7000-7999", "10.0.0.10:*"] {
+            let e = s
+                .add_service(&spec("second", other, Proto::Udp))
+                .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "10.0.0.10/udp already has a port range: service media (10.0.0.10:5004-5099); \
+                 one range per vip and protocol (exact-port services on the vip are fine, \
+                 inside the range too)",
+                "{other}"
+            );
+            assert_eq!(e.status(), 409);
+        }
+        let e = s
+            .add_service(&spec("again", "10.0.0.10:5010", Proto::Udp))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "10.0.0.10:5010/udp is already used by service inside"
+        );
+        assert_eq!(s, before);
+        // A state file with two ranges on one VIP is refused at load.
+        let mut two = s.clone();
+        two.services[3].proto = Proto::Udp;
+        assert_eq!(
+            two.check().unwrap_err(),
+            "10.0.0.10/udp has two port ranges"
+        );
+    }
+
+    #[test]
+    fn range_checks_need_a_check_port() {
+        use crate::health::{CheckKind, HealthSpec};
+        let mut s = State::default();
+        let mut media = spec("media", "10.0.0.10:5004-5099", Proto::Udp);
+        media.health.check = Some(CheckKind::Tcp);
+        let e = s.add_service(&media).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "a tcp check of port-range service 10.0.0.10:5004-5099 needs a check port \
+             (--check-port PORT): a range has no single service port to probe"
+        );
+        assert_eq!(e.status(), 400);
+        media.health.port = Some(8080);
+        let svc = s.add_service(&media).unwrap();
+        assert_eq!(svc.check_port(), Some(8080));
+        // Taking the check port away again is refused; so is an amqp check
+        // without one.
+        let upd = |h: HealthSpec| ServiceUpdate { health: h };
+        let e = s
+            .set_service(
+                "media",
+                &upd(HealthSpec {
+                    port: Some(0),
+                    ..Default::default()
+                }),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(e, StateError::RangeNeedsCheckPort { check: "tcp", .. }),
+            "{e}"
+        );
+        assert_eq!(s.service("media").unwrap().health.port, Some(8080));
+        // No check, or an http check (its port is in the url): no port needed.
+        let mut plain = spec("plain", "10.0.0.11:*", Proto::Udp);
+        assert_eq!(s.add_service(&plain).unwrap().check_port(), None);
+        plain.name = "web".into();
+        plain.vip = "10.0.0.12:*".into();
+        plain.health.check = Some(CheckKind::Http("http://{backend}:8080/health".into()));
+        s.add_service(&plain).unwrap();
+        // An exact-port service checks its own port.
+        let mut amqp = spec("amqp", "10.0.0.10:5672", Proto::Tcp);
+        amqp.health.check = Some(CheckKind::Amqp);
+        assert_eq!(s.add_service(&amqp).unwrap().check_port(), Some(5672));
+        // A state file with such a check is refused at load.
+        let mut broken = s.clone();
+        broken.services[0].health.port = None;
+        assert!(broken
+            .check()
+            .unwrap_err()
+            .starts_with("service media: a tcp check of port-range service"));
     }
 }

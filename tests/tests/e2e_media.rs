@@ -3,8 +3,8 @@
 //! numbers (`mqlb_tests::media`). Where each stream lands is predicted from
 //! the daemon's pinned maps and `lb_common::hash`, never guessed.
 
-use lb_common::PROTO_UDP;
-use mqlb_tests::lab::{wait_for, GiveUp, Lab, LabConfig};
+use lb_common::{range_takes, ServiceValue, PROTO_UDP, RANGE_PORT};
+use mqlb_tests::lab::{wait_for, GiveUp, Lab, LabConfig, LbMaps};
 use mqlb_tests::media::{open_streams, Receiver, Seen, Sender};
 use mqlb_tests::privileged::require_root;
 use std::collections::{BTreeMap, BTreeSet};
@@ -56,25 +56,53 @@ fn media_service(lab: &Lab, hash: &str, extra: &[&str]) {
 }
 
 fn wait_ring(lab: &Lab, want: &[Ipv4Addr]) {
+    wait_ring_of(lab, MEDIA, want)
+}
+
+/// Waits until the ring of the service UDP `port` of the VIP goes to
+/// (exact port, else the VIP's port range) holds exactly `want`.
+fn wait_ring_of(lab: &Lab, port: u16, want: &[Ipv4Addr]) {
     let want: BTreeSet<Ipv4Addr> = want.iter().copied().collect();
     wait_for(
-        "the media ring to hold the relays",
+        &format!("the ring of UDP port {port} to hold {want:?}"),
         Duration::from_secs(10),
         || {
             let maps = lab.maps()?;
-            let svc = maps.service_v4(lab.vip, MEDIA, PROTO_UDP)?;
+            let svc = service_of(&maps, lab.vip, port)?;
             Ok((maps.ring_members(&svc)? == want).then_some(()))
         },
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()));
 }
 
+/// The live `SERVICES` entry UDP traffic to `vip:port` meets, found as the
+/// program finds it: the exact port, else the VIP's port range (key port
+/// `RANGE_PORT`) if the range takes `port`.
+fn service_of(maps: &LbMaps, vip: Ipv4Addr, port: u16) -> anyhow::Result<ServiceValue> {
+    if let Ok(svc) = maps.service_v4(vip, port, PROTO_UDP) {
+        return Ok(svc);
+    }
+    let range = maps.service_v4(vip, RANGE_PORT, PROTO_UDP)?;
+    anyhow::ensure!(
+        range_takes(&range, port),
+        "no service takes {vip}:{port}/udp (the range is {}-{})",
+        range.port_lo,
+        range.port_hi
+    );
+    Ok(range)
+}
+
 /// The relay (name) the live ring sends a new stream from `src` to.
 fn predicted(lab: &Lab, src: SocketAddrV4) -> String {
+    predicted_to(lab, src, MEDIA)
+}
+
+/// The relay (name) a new flow from `src` to VIP:`port` goes to.
+fn predicted_to(lab: &Lab, src: SocketAddrV4, port: u16) -> String {
     let maps = lab.maps().expect("pinned maps");
-    let svc = maps.service_v4(lab.vip, MEDIA, PROTO_UDP).expect("service");
+    let svc = service_of(&maps, lab.vip, port).expect("service");
     let addr = maps
-        .predict(&svc, src, SocketAddrV4::new(lab.vip, MEDIA), PROTO_UDP)
+        .predict(&svc, src, SocketAddrV4::new(lab.vip, port), PROTO_UDP)
         .expect("predict");
     lab.backend_by_addr(addr).expect("a relay").name.clone()
 }
@@ -445,4 +473,342 @@ fn src_ip_hash_keeps_a_clients_streams_together() {
         );
     }
     eprintln!("client → relay: {per_client:?}");
+}
+
+/// A GStreamer `rtpbin` sender in the client namespace: PCMU over RTP from
+/// `client:port` to VIP:5004, its RTCP from `client:port+1` to VIP:5005, as
+/// a real media endpoint does. Killed (by PID) on drop.
+struct Gst {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Gst {
+    fn start(lab: &Lab, dir: &std::path::Path, port: u16, ssrc: u32) -> Gst {
+        let client = lab.client.addr;
+        let vip = lab.vip;
+        let pipeline = format!(
+            "rtpbin name=rb \
+             audiotestsrc is-live=true samplesperbuffer=160 ! audio/x-raw,rate=8000,channels=1 \
+             ! mulawenc ! rtppcmupay ssrc={ssrc} ! rb.send_rtp_sink_0 \
+             rb.send_rtp_src_0 ! udpsink host={vip} port={MEDIA} bind-address={client} bind-port={port} \
+             rb.send_rtcp_src_0 ! udpsink host={vip} port={rtcp} bind-address={client} \
+             bind-port={rtcp_src} sync=false async=false",
+            rtcp = MEDIA + 1,
+            rtcp_src = port + 1,
+        );
+        let mut cmd = lab.client.command("gst-launch-1.0");
+        cmd.arg("-q").args(pipeline.split_whitespace());
+        let log = dir.join(format!("gst-{ssrc:x}.log"));
+        let (child, _) = mqlb_tests::lab::spawn_logged(cmd, &log)
+            .unwrap_or_else(|e| panic!("gst-launch-1.0 (GStreamer): {e:#}"));
+        Gst { child, log }
+    }
+}
+
+impl Drop for Gst {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// RTP and RTCP of one stream from a real sender (GStreamer's rtpbin: RTP
+/// from an even port to VIP:5004, RTCP from the next port to VIP:5005)
+/// reach the same relay through a port-range service with `--hash rtp`: the
+/// one lb-common predicts; each relay sees the stream's RTP in sequence and
+/// its RTCP sender reports.
+#[test]
+fn gstreamer_rtp_and_rtcp_of_a_stream_reach_one_relay() {
+    if !require_root("gstreamer_rtp_and_rtcp_of_a_stream_reach_one_relay") {
+        return;
+    }
+    const STREAMS: u16 = 6;
+    let lab = start_lab();
+    let rx: Vec<Receiver> = lab
+        .backends
+        .iter()
+        .map(|b| {
+            Receiver::start(
+                &b.name,
+                &b.netns_path(),
+                &[
+                    SocketAddrV4::new(lab.vip, MEDIA),
+                    SocketAddrV4::new(lab.vip, MEDIA + 1),
+                ],
+            )
+            .unwrap_or_else(|e| panic!("receiver on {}: {e:#}", b.name))
+        })
+        .collect();
+    let vip = format!("{}:{MEDIA}-{}", lab.vip, MEDIA + 95);
+    mqlb(
+        &lab,
+        &[
+            "service", "add", "media", "--vip", &vip, "--proto", "udp", "--hash", "rtp",
+        ],
+    );
+    for b in &lab.backends {
+        mqlb(&lab, &["backend", "add", "media", &b.addr.to_string()]);
+    }
+    let all: Vec<Ipv4Addr> = lab.backends.iter().map(|b| b.addr).collect();
+    wait_ring_of(&lab, MEDIA, &all);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let streams: Vec<(u32, SocketAddrV4)> = (0..STREAMS)
+        .map(|i| {
+            (
+                0x5000 + u32::from(i),
+                SocketAddrV4::new(lab.client.addr, 26000 + 2 * i),
+            )
+        })
+        .collect();
+    let want: BTreeMap<u32, String> = streams
+        .iter()
+        .map(|&(ssrc, src)| (ssrc, predicted(&lab, src)))
+        .collect();
+    let gst: Vec<Gst> = streams
+        .iter()
+        .map(|&(ssrc, src)| Gst::start(&lab, dir.path(), src.port(), ssrc))
+        .collect();
+    wait_for(
+        "RTP and an RTCP report of every stream",
+        Duration::from_secs(30),
+        || {
+            let seen = seen_all(&rx);
+            let done = want.iter().all(|(ssrc, r)| {
+                seen[r]
+                    .get(ssrc)
+                    .is_some_and(|s| s.packets >= 50 && s.rtcp >= 1)
+            });
+            Ok(done.then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| {
+        let logs: String = gst
+            .iter()
+            .map(|g| mqlb_tests::lab::log_tail(&g.log, 5))
+            .collect();
+        panic!(
+            "{e:#}\nseen: {:?}\ngst logs:\n{logs}\n{}",
+            seen_all(&rx),
+            lab.diagnostics()
+        )
+    });
+    drop(gst);
+    let seen = seen_all(&rx);
+    for (ssrc, relay) in &want {
+        let on: Vec<&str> = seen
+            .iter()
+            .filter(|(_, s)| s.get(ssrc).is_some_and(|st| st.packets + st.rtcp > 0))
+            .map(|(r, _)| r.as_str())
+            .collect();
+        assert_eq!(on, [relay.as_str()], "RTP and RTCP of SSRC {ssrc:#x}");
+        let s = &seen[relay][ssrc];
+        assert_eq!(
+            (s.gaps(), s.out_of_order),
+            (0, 0),
+            "SSRC {ssrc:#x} on {relay}"
+        );
+    }
+    let spread: BTreeSet<&String> = want.values().collect();
+    eprintln!("stream → relay: {want:x?}; relays used: {spread:?}");
+}
+
+/// An exact-port service inside a port range on the same VIP takes its
+/// port: RTP streams to VIP:5010 (service `exact`, relay b3 only) all land
+/// on b3, while streams to VIP:5004 and VIP:5012 (service `media`,
+/// VIP:5004-5099 over b1 and b2) land where the range's ring predicts and
+/// never on b3. `mqlb flow media --port` follows the range and refuses the
+/// exact port. Deleted, the exact service hands the port back: new streams
+/// to VIP:5010 go to the range's relays.
+#[test]
+fn exact_port_service_inside_a_range_takes_its_port() {
+    if !require_root("exact_port_service_inside_a_range_takes_its_port") {
+        return;
+    }
+    const EXACT: u16 = 5010;
+    const OTHER: u16 = 5012;
+    let lab = start_lab();
+    let ports = [MEDIA, EXACT, OTHER];
+    let rx: Vec<Receiver> = lab
+        .backends
+        .iter()
+        .map(|b| {
+            let addrs: Vec<SocketAddrV4> = ports
+                .iter()
+                .map(|&p| SocketAddrV4::new(lab.vip, p))
+                .collect();
+            Receiver::start(&b.name, &b.netns_path(), &addrs)
+                .unwrap_or_else(|e| panic!("receiver on {}: {e:#}", b.name))
+        })
+        .collect();
+    let (b1, b2, b3) = (&lab.backends[0], &lab.backends[1], &lab.backends[2]);
+    let range = format!("{}:{MEDIA}-5099", lab.vip);
+    let exact = format!("{}:{EXACT}", lab.vip);
+    mqlb(
+        &lab,
+        &[
+            "service", "add", "media", "--vip", &range, "--proto", "udp", "--hash", "rtp",
+        ],
+    );
+    mqlb(
+        &lab,
+        &["service", "add", "exact", "--vip", &exact, "--proto", "udp"],
+    );
+    for (service, b) in [("media", b1), ("media", b2), ("exact", b3)] {
+        mqlb(&lab, &["backend", "add", service, &b.addr.to_string()]);
+    }
+    wait_ring_of(&lab, MEDIA, &[b1.addr, b2.addr]);
+    wait_ring_of(&lab, OTHER, &[b1.addr, b2.addr]);
+    wait_ring_of(&lab, EXACT, &[b3.addr]);
+    let list = mqlb(&lab, &["service", "list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("media ") && l.contains(&range)),
+        "{list}"
+    );
+
+    // Six streams to each port, from their own source ports.
+    let senders: Vec<(u16, Sender)> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, &port)| {
+            let streams = open_streams(
+                &lab.client.netns_path(),
+                lab.client.addr,
+                36000 + 1000 * i as u16,
+                6,
+                0x6000 + 0x100 * i as u32,
+            )
+            .expect("streams");
+            (
+                port,
+                Sender::start(streams, SocketAddrV4::new(lab.vip, port), RATE),
+            )
+        })
+        .collect();
+    let want: BTreeMap<u32, (u16, String)> = senders
+        .iter()
+        .flat_map(|(port, s)| {
+            s.streams
+                .iter()
+                .map(|&(ssrc, src)| (ssrc, (*port, predicted_to(&lab, src, *port))))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    wait_for(
+        "10 packets of every stream at its relay",
+        Duration::from_secs(15),
+        || {
+            let seen = seen_all(&rx);
+            Ok(want
+                .iter()
+                .all(|(ssrc, (_, r))| seen[r].get(ssrc).is_some_and(|s| s.packets >= 10))
+                .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\nseen: {:?}\n{}", seen_all(&rx), lab.diagnostics()));
+    let seen = seen_all(&rx);
+    for (ssrc, (port, relay)) in &want {
+        assert_eq!(
+            relays_of(&seen, *ssrc),
+            [relay.as_str()],
+            "stream {ssrc:#x} to port {port}"
+        );
+        if *port == EXACT {
+            assert_eq!(*relay, b3.name, "port {EXACT} is the exact service's");
+        } else {
+            assert_ne!(*relay, b3.name, "port {port} is the range's");
+        }
+    }
+    let spread: BTreeSet<&String> = want
+        .values()
+        .filter(|(p, _)| *p != EXACT)
+        .map(|(_, r)| r)
+        .collect();
+    let placed: Vec<String> = want
+        .iter()
+        .map(|(ssrc, (port, relay))| format!("{ssrc:#x}:{port}→{relay}"))
+        .collect();
+    eprintln!(
+        "streams: {}; range relays used: {spread:?}",
+        placed.join(" ")
+    );
+
+    // `mqlb flow` of the range: any of its ports but the exact one.
+    let (_, first) = senders[2].1.streams[0];
+    let client = first.to_string();
+    let flow = mqlb(
+        &lab,
+        &[
+            "flow",
+            "media",
+            "--client",
+            &client,
+            "--port",
+            &OTHER.to_string(),
+        ],
+    );
+    let relay_addr = lab
+        .backend_by_name(&want[&senders[2].1.streams[0].0].1)
+        .expect("relay")
+        .addr;
+    assert!(
+        flow.starts_with(&format!(
+            "{client} -> media {}:{OTHER}/udp: backend {relay_addr} (",
+            lab.vip
+        )),
+        "{flow}"
+    );
+    let err = lab
+        .mqlb(&[
+            "flow",
+            "media",
+            "--client",
+            &client,
+            "--port",
+            &EXACT.to_string(),
+        ])
+        .expect_err("the exact port is not the range's");
+    assert!(
+        format!("{err:#}").contains(&format!(
+            "port {EXACT} of service media belongs to service exact ({exact}): an exact port \
+             wins over a range; ask `mqlb flow exact`"
+        )),
+        "{err:#}"
+    );
+    drop(senders);
+
+    // Without the exact service, new flows to its port are the range's.
+    mqlb(&lab, &["service", "del", "exact"]);
+    wait_ring_of(&lab, EXACT, &[b1.addr, b2.addr]);
+    let streams =
+        open_streams(&lab.client.netns_path(), lab.client.addr, 39000, 6, 0x6400).expect("streams");
+    let mut sender = Sender::start(streams, SocketAddrV4::new(lab.vip, EXACT), RATE);
+    let after: BTreeMap<u32, String> = sender
+        .streams
+        .iter()
+        .map(|&(ssrc, src)| (ssrc, predicted_to(&lab, src, EXACT)))
+        .collect();
+    wait_for(
+        "10 packets of every new stream to the freed port",
+        Duration::from_secs(15),
+        || {
+            let seen = seen_all(&rx);
+            Ok(after
+                .iter()
+                .all(|(ssrc, r)| seen[r].get(ssrc).is_some_and(|s| s.packets >= 10))
+                .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\nseen: {:?}\n{}", seen_all(&rx), lab.diagnostics()));
+    sender.stop().expect("sends");
+    let seen = seen_all(&rx);
+    for (ssrc, relay) in &after {
+        assert_ne!(*relay, b3.name);
+        assert_eq!(
+            relays_of(&seen, *ssrc),
+            [relay.as_str()],
+            "stream {ssrc:#x}"
+        );
+    }
 }
