@@ -76,6 +76,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 fn load(object: &[u8], program: &str) -> Ebpf {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries("CT4", 65536)
+        .map_max_entries("CT6", 65536)
         .load(object)
         .unwrap_or_else(|e| panic!("load the object of {program} (root?): {e}"));
     load_program(&mut ebpf, program);
@@ -267,6 +268,8 @@ fn main() {
     let before = std::env::var("PROG_COST_BEFORE").ok().map(|file| {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("CT4", 65536)
+            .map_max_entries("CT6", 65536)
+            .map_max_entries("CT6", 65536)
             .load_file(&file)
             .unwrap_or_else(|e| panic!("load {file}: {e}"));
         load_program(&mut ebpf, lb_user::programs::LB_PROGRAM);
