@@ -953,3 +953,156 @@ fn decap_strips_ipv6_tunnels_to_a_local_address_only() {
         "plain IPv6: left alone"
     );
 }
+
+/// A throwaway network namespace for the IPv6 FIB fixture: veth `mqa` (the
+/// LB side, 2001:db8:1::1/64) with its peer `mqb`, both inside, a permanent
+/// neighbour for backend 1 only. Removed on drop (also when a test fails).
+struct FibNetns6 {
+    name: String,
+}
+
+impl FibNetns6 {
+    fn new() -> FibNetns6 {
+        let ns = FibNetns6 {
+            name: format!("mqfx6{}", std::process::id()),
+        };
+        ns.ip(&["netns", "add", &ns.name]);
+        for cmd in [
+            "link add mqa type veth peer name mqb",
+            "link set lo up",
+            "link set mqa up",
+            "link set mqb up",
+            "-6 addr add 2001:db8:1::1/64 dev mqa nodad",
+            "-6 neigh replace 2001:db8:1::11 lladdr 02:00:00:00:00:11 nud permanent dev mqa",
+        ] {
+            let args: Vec<&str> = ["-n", &ns.name].into_iter().chain(cmd.split(' ')).collect();
+            ns.ip(&args);
+        }
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let st = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .expect("run ip");
+        assert!(st.success(), "ip {args:?} failed");
+    }
+
+    /// Runs `f` on a thread that has entered the namespace (IPv6 forwarding on).
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = std::fs::File::open(&path).expect("open netns");
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns on this thread only; the fd is valid for the call.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns {path}");
+                std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+                    .expect("IPv6 forwarding on");
+                f()
+            })
+            .join()
+            .expect("netns thread")
+        })
+    }
+
+    fn mac(&self, dev: &str) -> [u8; 6] {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &self.name, "-o", "link", "show", dev])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mac = text
+            .split("link/ether ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
+        let v: Vec<u8> = mac
+            .split(':')
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        v.try_into().unwrap()
+    }
+}
+
+impl Drop for FibNetns6 {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn v6_uncached_next_hop_falls_back_to_the_fib() {
+    if !require_root("v6_uncached_next_hop_falls_back_to_the_fib") {
+        return;
+    }
+    let ns = FibNetns6::new();
+    let a_mac = ns.mac("mqa");
+    let (mut lb, amqp, _) = lab6();
+    // Backends without a cached next hop: the IPv6 family flag only.
+    {
+        let mut m: Array<&mut MapData, Backend> =
+            Array::try_from(lb.ebpf.map_mut("BACKENDS").unwrap()).unwrap();
+        for id in 1..=3u32 {
+            let mut b = m.get(&id, 0).unwrap();
+            b.flags = backend_flags::IPV6;
+            b.ifindex = 0;
+            b.dst_mac = [0; 6];
+            m.set(id, b, 0).unwrap();
+        }
+    }
+    let sport_for = |want: u32| {
+        (45000..46000u16)
+            .find(|&p| amqp.predict6(&flow6(p, 5672, PROTO_TCP)) == want)
+            .expect("a port hashing to the backend")
+    };
+    let (p1, p2) = (sport_for(1), sport_for(2));
+    ns.run(|| {
+        let input = tcp6_frame(&client_ip6(6), p1, 5672, SYN, b"");
+        let f = flow6(p1, 5672, PROTO_TCP);
+        let before = lb.snapshot();
+        let (action, out) = lb.run(&input);
+        assert_eq!(
+            action, 4,
+            "XDP_REDIRECT: resolved by the FIB, out of veth a"
+        );
+        let want = ip6_tunnel_expected(
+            a_mac,
+            [2, 0, 0, 0, 0, 0x11],
+            LB6,
+            BACKENDS6[0],
+            flow_label_v6(&f),
+            &input[14..],
+        );
+        assert_eq!(out, want, "MACs from the FIB and the neighbour table");
+        assert_eq!(before.counter(&lb.snapshot(), Counter::FibLookup), 1);
+
+        let input = tcp6_frame(&client_ip6(6), p2, 5672, SYN, b"");
+        let f = flow6(p2, 5672, PROTO_TCP);
+        let before = lb.snapshot();
+        let (action, out) = lb.run(&input);
+        assert_eq!(action, XDP_PASS, "no neighbour yet: the kernel resolves it");
+        assert_eq!(
+            &out[14..],
+            &expect_6in6(&input, 2, &f)[14..],
+            "passed already encapsulated"
+        );
+        assert_eq!(before.counter(&lb.snapshot(), Counter::NexthopPass), 1);
+
+        let big = tcp6_frame(&client_ip6(6), p1, 5672, ACK, &vec![0u8; 1440]);
+        let (action, out) = lb.run(&big);
+        assert_eq!(
+            action, XDP_TX,
+            "the FIB reports the MTU: packet-too-big to the client"
+        );
+        assert_eq!(&out[54..56], &[2, 0]);
+        assert_eq!(&out[58..62], &1460u32.to_be_bytes());
+        assert_eq!(checksum6(&VIP6, &CLIENT6, 58, &out[54..]), 0);
+    });
+}
