@@ -22,7 +22,7 @@ use lb_common::{
 };
 
 use crate::{
-    count, count_traffic, flow_owner, forward_slow,
+    action_of, count, count_traffic, flow_owner, forward_slow,
     ptr::Bytes,
     v6::{HDRS6_LEN, IP6_DST},
     verdict, FlowKey, FlowKey6, Inner, SvcKey, TooBig, IP_DST, IP_FRAG, IP_TOS, IP_TOT_LEN,
@@ -34,9 +34,14 @@ use crate::{
 const Q4: usize = L4 + ICMP_HDR_LEN;
 const ICMP4_READ: usize = Q4 + IPV4_LEN + 4;
 
-/// An ICMPv4 packet (the caller saw protocol 1 in an IPv4 header).
+/// An ICMPv4 packet (the caller saw protocol 1 in an IPv4 header): its XDP action.
 #[inline(never)]
-pub(crate) fn icmp4(ctx: &XdpContext) -> Result<u32, DropReason> {
+pub(crate) fn icmp4(ctx: &XdpContext) -> u32 {
+    action_of(try_icmp4(ctx))
+}
+
+#[inline(always)]
+fn try_icmp4(ctx: &XdpContext) -> Result<u32, DropReason> {
     let Some(b) = Bytes::<ICMP4_READ>::at(ctx, 0) else {
         return Ok(xdp_action::XDP_PASS);
     };
@@ -83,13 +88,18 @@ pub(crate) fn icmp4(ctx: &XdpContext) -> Result<u32, DropReason> {
     };
     let be = flow_owner(svc, flow.get(), len)?;
     count(Counter::IcmpForward);
-    let sent = forward_slow(ctx, &inner, be)?;
-    verdict(ctx, sent, TooBig::Never)
+    verdict(ctx, forward_slow(ctx, &inner, be), TooBig::Never)
 }
 
-/// An ICMPv6 packet whose header is at `off` (after any extension headers).
+/// An ICMPv6 packet whose header is at `off` (after any extension headers):
+/// its XDP action.
 #[inline(never)]
-pub(crate) fn icmp6(ctx: &XdpContext, off: usize) -> Result<u32, DropReason> {
+pub(crate) fn icmp6(ctx: &XdpContext, off: usize) -> u32 {
+    action_of(try_icmp6(ctx, off))
+}
+
+#[inline(always)]
+fn try_icmp6(ctx: &XdpContext, off: usize) -> Result<u32, DropReason> {
     const Q: usize = ICMP_HDR_LEN;
     let (Some(h), Some(e)) = (
         Bytes::<HDRS6_LEN>::at(ctx, 0),
@@ -138,6 +148,5 @@ pub(crate) fn icmp6(ctx: &XdpContext, off: usize) -> Result<u32, DropReason> {
     };
     let be = flow_owner(svc, flow.get(), len)?;
     count(Counter::IcmpForward);
-    let sent = forward_slow(ctx, &inner, be)?;
-    verdict(ctx, sent, TooBig::Never)
+    verdict(ctx, forward_slow(ctx, &inner, be), TooBig::Never)
 }

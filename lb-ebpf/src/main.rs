@@ -99,15 +99,7 @@ const AF_INET6: u8 = 10;
 #[xdp]
 pub fn mqlb(ctx: XdpContext) -> u32 {
     count(Counter::Rx);
-    let action = match try_mqlb(&ctx) {
-        Ok(action) => action,
-        Err(reason) => {
-            if let Some(n) = DROPS.get_ptr_mut(reason as u32) {
-                unsafe { *n += 1 };
-            }
-            xdp_action::XDP_DROP
-        }
-    };
+    let action = action_of(try_mqlb(&ctx));
     count(match action {
         xdp_action::XDP_TX => Counter::Tx,
         xdp_action::XDP_REDIRECT => Counter::Redirect,
@@ -115,6 +107,25 @@ pub fn mqlb(ctx: XdpContext) -> u32 {
         _ => Counter::Pass,
     });
     action
+}
+
+/// The XDP action of a result: a drop reason is counted, and the packet dropped.
+///
+/// Subprograms (`v6.rs`, `icmp.rs`, `forward_slow`) return their action
+/// through this rather than a `Result`: a BPF function returns one register,
+/// and a `Result` would come back through the caller's stack, which the IPv4
+/// hot path would then share.
+#[inline(always)]
+fn action_of(r: Result<u32, DropReason>) -> u32 {
+    match r {
+        Ok(action) => action,
+        Err(reason) => {
+            if let Some(n) = DROPS.get_ptr_mut(reason as u32) {
+                unsafe { *n += 1 };
+            }
+            xdp_action::XDP_DROP
+        }
+    }
 }
 
 #[inline(always)]
@@ -339,14 +350,14 @@ fn try_mqlb(ctx: &XdpContext) -> Result<u32, DropReason> {
     };
     if h.u16::<ETHERTYPE>() != ETH_P_IPV4.to_be() {
         if h.u16::<ETHERTYPE>() == ETH_P_IPV6.to_be() {
-            return v6::try_mqlb6(ctx);
+            return Ok(v6::mqlb6(ctx));
         }
         return Ok(xdp_action::XDP_PASS);
     }
     let proto = h.u8::<IP_PROTO>();
     if proto != PROTO_TCP && proto != PROTO_UDP {
         if proto == PROTO_ICMP {
-            return icmp::icmp4(ctx);
+            return Ok(icmp::icmp4(ctx));
         }
         return Ok(xdp_action::XDP_PASS);
     }
@@ -551,8 +562,7 @@ fn forward(
             proto: PROTO_IPIP,
             label: flow.label(),
         };
-        let sent = forward_slow(ctx, &inner, be)?;
-        return verdict(ctx, sent, how);
+        return verdict(ctx, forward_slow(ctx, &inner, be), how);
     }
     if !ipip_fits(pkt.total_len, be.mtu) {
         return too_big(ctx, dont_fragment(pkt.hdr), ipip_client_mtu(be.mtu));
@@ -665,12 +675,11 @@ struct Inner {
     label: u32,
 }
 
-/// What `forward_slow` did with a packet it did not drop: an XDP verdict
-/// (on its way, or handed to the kernel), or `SENT_TOO_BIG | mtu`: too big
-/// for the path to the backend, and the caller answers with the MTU left for
-/// the client. Answering there, not in `forward_slow`, keeps the chain of BPF
-/// calls, and so the stack, short. (A plain `u32` because a BPF function
-/// returns one register: an enum with data would come back in two.)
+/// What `forward_slow` did: an XDP action (on its way, handed to the
+/// kernel, or dropped with its reason counted), or `SENT_TOO_BIG | mtu`: too
+/// big for the path to the backend, and the caller answers with the MTU left
+/// for the client. Answering there, not in `forward_slow`, keeps the chain of
+/// BPF calls, and so the stack, short. (A plain `u32`: see `action_of`.)
 type Sent = u32;
 const SENT_TOO_BIG: Sent = 1 << 16;
 
@@ -700,7 +709,12 @@ fn verdict(ctx: &XdpContext, sent: Sent, how: TooBig) -> Result<u32, DropReason>
 /// backend (4-in-6, 6-in-6) or an IPv4 one (6-in-4, quoted ICMP), through the
 /// cached next hop, else the kernel's FIB (`bpf_fib_lookup`).
 #[inline(never)]
-fn forward_slow(ctx: &XdpContext, inner: &Inner, be: &Backend) -> Result<Sent, DropReason> {
+fn forward_slow(ctx: &XdpContext, inner: &Inner, be: &Backend) -> Sent {
+    action_of(try_forward_slow(ctx, inner, be))
+}
+
+#[inline(always)]
+fn try_forward_slow(ctx: &XdpContext, inner: &Inner, be: &Backend) -> Result<Sent, DropReason> {
     let v6 = be.flags & backend_flags::IPV6 != 0;
     let hdr = outer_len(v6);
     if be.flags & backend_flags::NEXTHOP != 0 {

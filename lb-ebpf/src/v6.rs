@@ -28,9 +28,9 @@ use lb_common::{
 };
 
 use crate::{
-    count, count_traffic, encap, forward_slow, icmp, pick_backend, ptr::Bytes, send, verdict,
-    EthAddrs, FlowKey6, Inner, SvcKey, TooBig, SERVICES, SVC_STATS, TCP_ACK, TCP_FLAGS_OFF,
-    TCP_SYN, UDP_HDR_LEN,
+    action_of, count, count_traffic, encap, forward_slow, icmp, pick_backend, ptr::Bytes, send,
+    verdict, EthAddrs, FlowKey6, Inner, SvcKey, TooBig, SERVICES, SVC_STATS, TCP_ACK,
+    TCP_FLAGS_OFF, TCP_SYN, UDP_HDR_LEN,
 };
 
 /// Ethernet and the fixed IPv6 header, read under one bounds check.
@@ -45,8 +45,14 @@ pub(crate) const IP6_DST: usize = ETH_LEN + 24;
 /// destination in an IPv6 packet must not match an IPv4 service's key.
 const V4_MAPPED_HI: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
+/// An IPv6 packet: its XDP action.
 #[inline(never)]
-pub(crate) fn try_mqlb6(ctx: &XdpContext) -> Result<u32, DropReason> {
+pub(crate) fn mqlb6(ctx: &XdpContext) -> u32 {
+    action_of(try_mqlb6(ctx))
+}
+
+#[inline(always)]
+fn try_mqlb6(ctx: &XdpContext) -> Result<u32, DropReason> {
     let Some(h) = Bytes::<HDRS6_LEN>::at(ctx, 0) else {
         return Ok(xdp_action::XDP_PASS);
     };
@@ -84,16 +90,21 @@ pub(crate) fn try_mqlb6(ctx: &XdpContext) -> Result<u32, DropReason> {
         if pending.is_some() {
             return Ok(xdp_action::XDP_PASS);
         }
-        return icmp::icmp6(ctx, off);
+        return Ok(icmp::icmp6(ctx, off));
     }
-    service6(ctx, off, nh, pending)
+    Ok(service6(ctx, off, nh, pending))
 }
 
 /// TCP or UDP (`nh`) at `off`, after extension headers that left `pending`.
 /// A subprogram of its own, next to `icmp6`: each keeps its keys on its
 /// own stack frame, and the walk above stays small.
 #[inline(never)]
-fn service6(
+fn service6(ctx: &XdpContext, off: usize, nh: u8, pending: Option<DropReason>) -> u32 {
+    action_of(try_service6(ctx, off, nh, pending))
+}
+
+#[inline(always)]
+fn try_service6(
     ctx: &XdpContext,
     off: usize,
     nh: u8,
@@ -162,8 +173,7 @@ fn service6(
 fn forward6(ctx: &XdpContext, inner: &Inner, be: &Backend) -> Result<u32, DropReason> {
     const CACHED_V6: u8 = backend_flags::NEXTHOP | backend_flags::IPV6;
     if be.flags & CACHED_V6 != CACHED_V6 {
-        let sent = forward_slow(ctx, inner, be)?;
-        return verdict(ctx, sent, TooBig::Icmp6);
+        return verdict(ctx, forward_slow(ctx, inner, be), TooBig::Icmp6);
     }
     let hdr = outer_len(true);
     if !encap_fits(inner.len, be.mtu, hdr) {
