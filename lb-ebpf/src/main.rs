@@ -6,7 +6,10 @@
 //!
 //! The IPv4 path is this file, straight-line and inlined; IPv6 (`v6.rs`),
 //! quoted-flow ICMP (`icmp.rs`) and every encapsulation other than IPv4 to
-//! a cached IPv4 next hop (`forward_slow`) are BPF subprograms off it.
+//! a cached IPv4 next hop (`forward_slow`) are BPF subprograms off it. The
+//! deepest chain of calls, `mqlb` → `service6`/`icmp6` → `forward_slow`,
+//! must fit the verifier's 512 bytes of stack for all frames together
+//! (448 now, frames rounded to 16 bytes).
 //!
 //! Cost matters here (see `cargo run --release -p mqlb-tests --example
 //! prog_cost`): packet fields are read and written as whole words through

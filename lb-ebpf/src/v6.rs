@@ -1,6 +1,7 @@
 //! IPv6: the header walk, service lookup, conntrack (`CT6`), and the
-//! ICMPv6 packet-too-big answer. A subprogram off the IPv4 path, so IPv4
-//! pays one branch on the EtherType it already reads, and nothing else.
+//! ICMPv6 packet-too-big answer. Off the IPv4 path: IPv4 pays one branch on
+//! the EtherType it already reads. The walk is inlined into `mqlb`; TCP/UDP
+//! (`service6`) and ICMPv6 (`icmp::icmp6`) are BPF subprograms.
 //!
 //! Policy (decided in `lb_common::packet::ipv6_ext`, documented there):
 //! up to `IPV6_MAX_EXT` extension headers are walked; hop-by-hop, destination
@@ -45,8 +46,11 @@ pub(crate) const IP6_DST: usize = ETH_LEN + 24;
 /// destination in an IPv6 packet must not match an IPv4 service's key.
 const V4_MAPPED_HI: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
-/// An IPv6 packet: its XDP action.
-#[inline(never)]
+/// An IPv6 packet: its XDP action. The header walk is inlined into `mqlb`,
+/// so TCP/UDP (`service6`) and ICMPv6 (`icmp6`) are one call deep: the
+/// deepest chain of calls (`mqlb` → `service6` → `forward_slow`) must fit
+/// the verifier's 512 bytes of stack for all frames together.
+#[inline(always)]
 pub(crate) fn mqlb6(ctx: &XdpContext) -> u32 {
     action_of(try_mqlb6(ctx))
 }
