@@ -6,7 +6,7 @@
 //! Any change here bumps [`LAYOUT_VERSION`], which is part of the pin path.
 
 /// Version of every layout in this file; pinned maps live under `v{LAYOUT_VERSION}`.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Largest Maglev ring; every service owns two rings of this stride (A/B).
 pub const RING_MAX: u32 = 65537;
@@ -37,6 +37,8 @@ pub mod names {
     pub const DROPS: &str = "DROPS";
     /// service id → `Traffic`; PERCPU_ARRAY.
     pub const SVC_STATS: &str = "SVC_STATS";
+    /// `[RANGES_COUNT]` → port-range services (gates the range lookup).
+    pub const RANGES: &str = "RANGES";
     /// backend id → `Traffic`; PERCPU_ARRAY.
     pub const BE_STATS: &str = "BE_STATS";
     /// local address → u32 (1); HASH; decap program only.
@@ -118,7 +120,29 @@ pub struct ServiceValue {
     pub udp_idle_s: u32,
     /// `HashMode` as u8.
     pub hash_mode: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// A port-range service (its key has port [`RANGE_PORT`]) takes
+    /// destination ports `port_lo..=port_hi`; 0 and 0 in an exact-port service.
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub _pad2: u16,
+}
+
+/// The `ServiceKey::port_be` of a VIP's port-range service: port 0 is no
+/// real destination, so the range's entry cannot collide with an exact port.
+/// The program looks it up only after the exact port missed, so an
+/// exact-port service on the same VIP wins.
+pub const RANGE_PORT: u16 = 0;
+
+/// Index 0 of `RANGES`: how many port-range services exist. The program
+/// skips the second lookup while it is 0, so VIPs without ranges (and
+/// traffic that is not for a VIP) pay nothing for the feature.
+pub const RANGES_COUNT: u32 = 0;
+
+/// Whether a port-range service `lo..=hi` takes destination port `port`.
+#[inline(always)]
+pub const fn range_takes(value: &ServiceValue, port: u16) -> bool {
+    value.port_lo <= port && port <= value.port_hi
 }
 
 /// `Backend::state`: whether the backend takes flows.
@@ -271,7 +295,7 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
-        assert_eq!(size_of::<ServiceValue>(), 24);
+        assert_eq!(size_of::<ServiceValue>(), 28);
         assert_eq!(size_of::<Backend>(), 52);
         assert_eq!(size_of::<Flow4>(), 16);
         assert_eq!(size_of::<Flow6>(), 40);

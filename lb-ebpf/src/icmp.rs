@@ -26,7 +26,7 @@ use crate::{
     ptr::Bytes,
     v6::{HDRS6_LEN, IP6_DST},
     verdict, FlowKey, FlowKey6, Inner, SvcKey, TooBig, IP_DST, IP_FRAG, IP_TOS, IP_TOT_LEN,
-    IP_VIHL, L4, SERVICES, SVC_STATS,
+    IP_VIHL, L4, SVC_STATS,
 };
 
 /// Where the quoted IPv4 header starts, and what is read of the error:
@@ -66,7 +66,7 @@ fn try_icmp4(ctx: &XdpContext) -> Result<u32, DropReason> {
         u16::from_ne_bytes([s0, s1]),
         qproto,
     );
-    let Some(svc) = (unsafe { SERVICES.get(key.get()) }) else {
+    let Some(svc) = crate::service(key) else {
         return Ok(xdp_action::XDP_PASS);
     };
     let len = u16::from_be(b.u16::<IP_TOT_LEN>());
@@ -118,7 +118,7 @@ fn try_icmp6(ctx: &XdpContext, off: usize) -> Result<u32, DropReason> {
     let qports = e.u32::<{ Q + IPV6_LEN }>();
     let [s0, s1, _, _] = qports.to_ne_bytes();
     let key = SvcKey::v6(qsrc, u16::from_ne_bytes([s0, s1]), qnh);
-    let Some(svc) = (unsafe { SERVICES.get(key.get()) }) else {
+    let Some(svc) = crate::service(key) else {
         return Ok(xdp_action::XDP_PASS);
     };
     let payload_len = u16::from_be(h.u16::<{ ETH_LEN + 4 }>()) as usize;

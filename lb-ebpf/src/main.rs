@@ -45,13 +45,16 @@ use lb_common::{
     },
     Backend, Counter, CtEntry, DropReason, Flow4, Flow6, HashMode, ServiceKey, ServiceValue,
     Traffic, CT_DEFAULT_ENTRIES, CT_REFRESH_NS, MAX_BACKENDS, MAX_SERVICES, PROTO_ICMP, PROTO_IPIP,
-    PROTO_TCP, PROTO_UDP, RING_MAX,
+    PROTO_TCP, PROTO_UDP, RANGES_COUNT, RANGE_PORT, RING_MAX,
 };
 use ptr::Bytes;
 
 /// `ServiceKey` → `ServiceValue`; written by the daemon; one entry per service.
 #[map]
 static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
+/// `[RANGES_COUNT]`: port-range services; 0 skips their lookup. Written by the daemon.
+#[map]
+static RANGES: Array<u32> = Array::with_max_entries(1, 0);
 /// Maglev rings, two per service (A/B); slot → backend id; written by the daemon.
 #[map]
 static RINGS: Array<u32> = Array::with_max_entries(MAX_SERVICES * 2 * RING_MAX, 0);
@@ -176,6 +179,18 @@ impl SvcKey {
         SvcKey([
             dst[0],
             dst[1],
+            u64::from_ne_bytes([p0, p1, proto, 0, 0, 0, 0, 0]),
+        ])
+    }
+
+    /// The key of the same VIP's port-range service (`RANGE_PORT`).
+    #[inline(always)]
+    fn range(&self) -> Self {
+        let [_, _, proto, ..] = self.0[2].to_ne_bytes();
+        let [p0, p1] = RANGE_PORT.to_ne_bytes();
+        SvcKey([
+            self.0[0],
+            self.0[1],
             u64::from_ne_bytes([p0, p1, proto, 0, 0, 0, 0, 0]),
         ])
     }
@@ -383,8 +398,7 @@ fn try_mqlb(ctx: &XdpContext) -> Result<u32, DropReason> {
     };
     let [_, _, d0, d1] = ports.to_ne_bytes();
     let dport_be = u16::from_ne_bytes([d0, d1]);
-    let key = SvcKey::v4(h.u32::<IP_DST>().to_ne_bytes(), dport_be, proto);
-    let Some(svc) = (unsafe { SERVICES.get(key.get()) }) else {
+    let Some(svc) = service(SvcKey::v4(h.u32::<IP_DST>().to_ne_bytes(), dport_be, proto)) else {
         return Ok(xdp_action::XDP_PASS);
     };
     let total_len = u16::from_be(h.u16::<IP_TOT_LEN>());
@@ -425,6 +439,21 @@ fn try_mqlb(ctx: &XdpContext) -> Result<u32, DropReason> {
     };
     let backend = pick_backend(svc, flow.get(), pkt.total_len, pkt.syn)?;
     forward(ctx, &pkt, backend, &flow)
+}
+
+/// The service of a destination: its exact port first, then the VIP's port
+/// range (only while some range service exists).
+#[inline(always)]
+pub(crate) fn service(key: SvcKey) -> Option<&'static ServiceValue> {
+    if let Some(svc) = unsafe { SERVICES.get(key.get()) } {
+        return Some(svc);
+    }
+    if RANGES.get(RANGES_COUNT).is_none_or(|n| *n == 0) {
+        return None;
+    }
+    let port = u16::from_be(key.get().port_be);
+    let svc = unsafe { SERVICES.get(key.range().get()) }?;
+    lb_common::range_takes(svc, port).then_some(svc)
 }
 
 /// Conntrack first (unless a SYN starts the flow over), else the Maglev ring

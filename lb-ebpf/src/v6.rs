@@ -30,8 +30,8 @@ use lb_common::{
 
 use crate::{
     action_of, count, count_traffic, encap, forward_slow, icmp, pick_backend, ptr::Bytes, send,
-    verdict, EthAddrs, FlowKey6, Inner, SvcKey, TooBig, SERVICES, SVC_STATS, TCP_ACK,
-    TCP_FLAGS_OFF, TCP_SYN, UDP_HDR_LEN,
+    verdict, EthAddrs, FlowKey6, Inner, SvcKey, TooBig, SVC_STATS, TCP_ACK, TCP_FLAGS_OFF, TCP_SYN,
+    UDP_HDR_LEN,
 };
 
 /// Ethernet and the fixed IPv6 header, read under one bounds check.
@@ -124,7 +124,7 @@ fn try_service6(
     let ports = l4.u32::<0>();
     let [_, _, d0, d1] = ports.to_ne_bytes();
     let key = SvcKey::v6(dst, u16::from_ne_bytes([d0, d1]), nh);
-    let Some(svc) = (unsafe { SERVICES.get(key.get()) }) else {
+    let Some(svc) = crate::service(key) else {
         return Ok(xdp_action::XDP_PASS);
     };
     let payload_len = u16::from_be(h.u16::<IP6_PLEN>()) as usize;

@@ -15,11 +15,19 @@
 //! | `DELETE /v1/services/{name}/backends/{ip}` | | the deleted `Backend` |
 //! | `GET /v1/services/{name}/flow?client=IP:PORT` | | [`FlowView`] |
 //! | `GET /v1/stats` | | [`StatsView`] |
+//! | `POST /v1/apply` | [`ApplyRequest`] | [`ApplyReply`] |
+//! | `GET /v1/export` | | [`Desired`] (password `***`) |
 //! | `POST /v1/shutdown` | [`ShutdownRequest`] | [`ShutdownReply`] |
 //!
 //! Errors are `{"error": "one lowercase line"}` with a 4xx status for a
 //! request a person got wrong (404 unknown, 409 conflict, 400 invalid) and
-//! 500 when the daemon failed.
+//! 500 when the daemon failed. A refused apply adds `"at"`: the service and
+//! backend (indexes in the request) and the field, so a client can name the
+//! line of its file.
+//!
+//! `POST /v1/apply` replaces every service at once (see [`crate::manifest`]):
+//! validated whole, saved once, written in one plan, or refused with nothing
+//! changed. With `"dry_run": true` it only answers the changes.
 //!
 //! A service's health check password is never sent back: it reads `***`.
 
@@ -43,6 +51,7 @@ use crate::{
     daemon::{error_chain, CoreError, Shared},
     health::HealthView,
     loader::Attached,
+    manifest::{ApplyReply, ApplyRequest, Desired, Loc},
     probe::FlowView,
     state::{
         Backend, BackendSpec, BackendState, BackendUpdate, Proto, Service, ServiceSpec,
@@ -167,10 +176,13 @@ pub struct ShutdownReply {
     pub pid: u32,
 }
 
-/// An error answer: `{"error": message}`.
+/// An error answer: `{"error": message}`, plus `"at"` for a refused apply.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+    /// Where in the `POST /v1/apply` request the problem is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<Loc>,
 }
 
 /// An error with its HTTP status.
@@ -178,6 +190,7 @@ pub struct ErrorBody {
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    pub at: Option<Loc>,
 }
 
 impl ApiError {
@@ -185,6 +198,7 @@ impl ApiError {
         ApiError {
             status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             message: message.into(),
+            at: None,
         }
     }
 }
@@ -195,6 +209,7 @@ impl IntoResponse for ApiError {
             self.status,
             Json(ErrorBody {
                 error: self.message,
+                at: self.at,
             }),
         )
             .into_response()
@@ -206,7 +221,11 @@ impl From<CoreError> for ApiError {
         if e.status() >= 500 {
             tracing::error!(error = %error_chain(&e), "api request failed");
         }
-        ApiError::new(e.status(), error_chain(&e))
+        let mut err = ApiError::new(e.status(), error_chain(&e));
+        if let CoreError::Apply(a) = &e {
+            err.at = Some(a.at.clone()).filter(|at| *at != Loc::default());
+        }
+        err
     }
 }
 
@@ -241,6 +260,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/v1/services/{name}/flow", get(flow))
         .route("/v1/stats", get(stats))
+        .route("/v1/apply", post(apply))
+        .route("/v1/export", get(export))
         .route("/v1/shutdown", post(shutdown))
         .fallback(|| async { ApiError::new(404, "no such endpoint (see /v1/status)") })
         .with_state(shared)
@@ -322,6 +343,23 @@ async fn del_backend(
     Path((name, addr)): Path<(String, String)>,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(s.core.lock().await.del_backend(&name, &addr)?))
+}
+
+async fn apply(
+    AxState(s): St,
+    body: Result<Json<ApplyRequest>, JsonRejection>,
+) -> ApiResult<Json<ApplyReply>> {
+    let Json(req) = body?;
+    let reply = s.core.lock().await.apply(&req.desired, req.dry_run)?;
+    if reply.applied && !reply.changes.is_empty() {
+        // New backends get their next hop now rather than at the next round.
+        s.poke.notify_one();
+    }
+    Ok(Json(reply))
+}
+
+async fn export(AxState(s): St) -> Json<Desired> {
+    Json(crate::manifest::export(s.core.lock().await.state()))
 }
 
 /// The value of `key` in a query string (`%XX` decoded; `+` is a space).
@@ -406,6 +444,7 @@ mod tests {
     };
     use axum::body::Body;
     use http_body_util::BodyExt as _;
+    use std::collections::BTreeSet;
     use tower::ServiceExt as _;
 
     struct T {
@@ -771,6 +810,191 @@ mod tests {
             .collect();
         ids.sort();
         assert_eq!(ids, (1..=20).collect::<Vec<_>>());
+    }
+
+    /// `POST /v1/apply` with this `desired` (JSON).
+    async fn apply(t: &T, desired: serde_json::Value, dry_run: bool) -> (u16, serde_json::Value) {
+        let body = serde_json::json!({ "dry_run": dry_run, "desired": desired });
+        call(t, "POST", "/v1/apply", Some(&body.to_string())).await
+    }
+
+    fn lines(reply: &serde_json::Value) -> Vec<String> {
+        let reply: ApplyReply = serde_json::from_value(reply.clone()).unwrap();
+        reply.changes.iter().map(ToString::to_string).collect()
+    }
+
+    #[tokio::test]
+    async fn apply_sets_everything_in_one_request_and_export_reads_it_back() {
+        let t = app();
+        let desired = serde_json::json!({
+            "seed": 9,
+            "service": [{
+                "name": "amqp", "vip": "10.0.0.10:5672", "proto": "tcp", "ring_size": 13,
+                "check": "amqp",
+                "backends": [{"ip": "10.0.1.1"}, {"ip": "10.0.1.2", "weight": 300}]
+            }, {
+                "name": "mgmt", "vip": "10.0.0.10:15672", "proto": "tcp", "ring_size": 13,
+                "check": "http:http://{backend}:15672/api/health/checks/alarms",
+                "check_user": "guest", "check_password": "s3cret"
+            }]
+        });
+        let (st, v) = apply(&t, desired.clone(), true).await;
+        assert_eq!((st, &v["applied"]), (200, &false.into()), "{v}");
+        assert_eq!(lines(&v).len(), 5, "{v}");
+        assert!(
+            t.shared.core.lock().await.state().services.is_empty(),
+            "a dry run changes nothing"
+        );
+        assert!(!t._dir.path().join("state.json").exists(), "nor saves");
+
+        let (st, v) = apply(&t, desired.clone(), false).await;
+        assert_eq!((st, &v["applied"]), (200, &true.into()), "{v}");
+        assert_eq!(
+            lines(&v),
+            [
+                "~ seed 0 -> 9",
+                "+ service amqp 10.0.0.10:5672/tcp",
+                "+ backend amqp 10.0.1.1 weight 100",
+                "+ backend amqp 10.0.1.2 weight 300",
+                "+ service mgmt 10.0.0.10:15672/tcp",
+            ]
+        );
+        let saved = StateStore::new(t._dir.path()).load().unwrap().unwrap();
+        assert_eq!(saved.seed, 9);
+        assert_eq!(saved.services[0].backends[1].weight, 300);
+
+        let (st, exported) = call(&t, "GET", "/v1/export", None).await;
+        assert_eq!(st, 200);
+        assert_eq!(exported["service"][1]["check_password"], "***");
+        assert!(!exported.to_string().contains("s3cret"));
+        // Applying the export changes nothing (the placeholder keeps the password).
+        let (st, v) = apply(&t, exported.clone(), false).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(lines(&v), Vec::<String>::new());
+        let saved = StateStore::new(t._dir.path()).load().unwrap().unwrap();
+        assert_eq!(saved.services[1].health.password.as_deref(), Some("s3cret"));
+    }
+
+    #[tokio::test]
+    async fn a_refused_apply_changes_nothing_and_says_where() {
+        let t = app();
+        call(&t, "POST", "/v1/services", Some(AMQP)).await;
+        call(
+            &t,
+            "POST",
+            "/v1/services/amqp/backends",
+            Some(r#"{"addr":"10.0.1.1"}"#),
+        )
+        .await;
+        let before = t.shared.core.lock().await.state().clone();
+        let file_before = std::fs::read(t._dir.path().join("state.json")).unwrap();
+        // The first service is fine, the second's backend is not.
+        let desired = serde_json::json!({
+            "seed": 4,
+            "service": [
+                {"name": "amqp", "vip": "10.0.0.10:5672", "proto": "tcp", "ring_size": 13,
+                 "backends": [{"ip": "10.0.1.2"}]},
+                {"name": "b", "vip": "10.0.0.11:1", "proto": "tcp", "ring_size": 13,
+                 "backends": [{"ip": "10.0.1.1"}, {"ip": "10.0.1.2", "weight": 0}]}
+            ]
+        });
+        let (st, v) = apply(&t, desired, false).await;
+        assert_eq!(st, 400, "{v}");
+        assert_eq!(
+            v["error"],
+            "field weight (service b, backend 10.0.1.2): weight 0 is out of range (1-65535)"
+        );
+        assert_eq!(
+            v["at"],
+            serde_json::json!({"service": 1, "backend": 1, "field": "weight"})
+        );
+        assert_eq!(*t.shared.core.lock().await.state(), before);
+        assert_eq!(
+            std::fs::read(t._dir.path().join("state.json")).unwrap(),
+            file_before,
+            "nothing saved"
+        );
+        // A body that is not a desired state is refused by its shape.
+        let (st, v) = call(
+            &t,
+            "POST",
+            "/v1/apply",
+            Some(r#"{"desired":{"sevrice":[]}}"#),
+        )
+        .await;
+        assert_eq!(st, 422, "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("unknown field `sevrice`"),
+            "{v}"
+        );
+        assert_eq!(v.get("at"), None);
+    }
+
+    #[tokio::test]
+    async fn apply_deletes_backends_the_way_backend_del_does() {
+        use std::sync::{Arc as StdArc, Mutex as StdMutex};
+        let dir = tempfile::tempdir().unwrap();
+        let dp = StdArc::new(StdMutex::new(MemDataplane::default()));
+        let core = Core::new(
+            State::default(),
+            StateStore::new(dir.path()),
+            Box::new(dp.clone()),
+            StatusView::default(),
+        )
+        .unwrap();
+        let shared = Shared::new(core);
+        let t = T {
+            app: router(shared.clone()),
+            shared,
+            _dir: dir,
+        };
+        let three = |weight: u32| {
+            serde_json::json!({"service": [{
+                "name": "amqp", "vip": "10.0.0.10:5672", "proto": "tcp", "ring_size": 13,
+                "backends": [{"ip": "10.0.1.1"}, {"ip": "10.0.1.2", "weight": weight},
+                             {"ip": "10.0.1.3"}]
+            }]})
+        };
+        let (st, _) = apply(&t, three(100), false).await;
+        assert_eq!(st, 200);
+        let ring = |dp: &StdMutex<MemDataplane>| {
+            let mem = dp.lock().unwrap();
+            let v = mem.services.values().next().copied().unwrap();
+            (v.ring_base..v.ring_base + v.ring_size)
+                .map(|i| mem.rings[&i])
+                .collect::<Vec<u32>>()
+        };
+        let ids: BTreeSet<u32> = ring(&dp).into_iter().collect();
+        assert_eq!(ids, [1, 2, 3].into());
+
+        let mut two = three(200);
+        two["service"][0]["backends"]
+            .as_array_mut()
+            .unwrap()
+            .remove(2);
+        let (st, v) = apply(&t, two, false).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(
+            lines(&v),
+            [
+                "- backend amqp 10.0.1.3",
+                "~ backend amqp 10.0.1.2 weight 100 -> 200"
+            ]
+        );
+        // Out of the table, but its id and entry stay (REMOVED) so its
+        // established flows finish, as after `mqlb backend del`.
+        let ring = ring(&dp);
+        assert!(!ring.contains(&3));
+        let count = |id| ring.iter().filter(|&&b| b == id).count();
+        assert!(count(2) > count(1), "weight 200 takes more slots: {ring:?}");
+        assert_eq!(
+            dp.lock().unwrap().backends[&3].state,
+            lb_common::backend_state::REMOVED
+        );
+        assert_eq!(t.shared.core.lock().await.state().removed[0].id, 3);
     }
 
     #[test]

@@ -15,10 +15,11 @@ use lb_common::{Counter, DropReason};
 use crate::{
     api::{BackendView, ServiceView, ShutdownReply, ShutdownRequest, StatsView},
     client::{segment, Client, ClientError},
-    daemon::{self, ConfigFile, DaemonError, UpOptions, DEFAULT_SOCKET, DEFAULT_STATE_ROOT},
+    daemon::{self, DaemonError, UpOptions, DEFAULT_SOCKET, DEFAULT_STATE_ROOT},
     health::{CheckKind, HealthConfig, HealthSpec, HealthView, Status},
     host,
     loader::{self, LoadError, Mode},
+    manifest::{self, ApplyReply, ApplyRequest, Desired, Manifest, ManifestError},
     probe::FlowView,
     state::{
         parse_backend_addr, parse_vip, Backend, BackendSpec, BackendState, BackendUpdate, Hash,
@@ -103,6 +104,51 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make the daemon's services and backends match FILE; print the changes
+    ///
+    /// FILE is TOML, as `mqlb export` writes it:
+    ///
+    ///   seed = 0
+    ///
+    ///   [[service]]
+    ///   name = "amqp"
+    ///   vip = "10.0.0.10:5672"
+    ///   proto = "tcp"
+    ///   check = "amqp"
+    ///   backends = [
+    ///       { ip = "10.0.1.1", weight = 100 },
+    ///       { ip = "10.0.1.2", weight = 200, state = "draining" },
+    ///   ]
+    ///
+    /// A service's keys are the `service add` options in snake case: name,
+    /// vip, proto, hash, udp_idle, ring_size, check, check_interval,
+    /// check_timeout, rise, fall, check_port, check_user, check_password,
+    /// panic_threshold. A key left out takes its default. A service or
+    /// backend the file does not have is deleted (established flows finish,
+    /// as with `del`); `service = []` deletes every service. A service is
+    /// known by its name, a backend by its address. Without `seed` the
+    /// daemon's seed stays; a new seed re-hashes new flows only.
+    /// check_password = "***" keeps the password the daemon has stored.
+    ///
+    /// The whole file is checked first (errors name FILE:LINE and the
+    /// field), then applied in one step and saved: all of it or nothing.
+    /// Changes print one per line: `+` added, `-` deleted, `~` changed.
+    #[command(verbatim_doc_comment)]
+    Apply {
+        /// The file to apply; - reads standard input
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Print the changes without applying them
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the daemon's seed, services and backends as a file for `mqlb apply -f`
+    ///
+    /// `mqlb export > mqlb.toml; mqlb apply -f mqlb.toml` changes nothing.
+    /// Check passwords are written as "***" (applying that keeps the stored
+    /// password): the export is safe to share but holds no secret.
+    #[command(verbatim_doc_comment)]
+    Export,
     /// Attach the IPIP decapsulator to IF on a backend host (no daemon needed)
     Decap(DecapArgs),
     /// Print the shell completion script for SHELL to stdout
@@ -124,7 +170,9 @@ pub struct UpArgs {
     /// Interface to load balance on
     #[arg(long, value_name = "IF")]
     pub iface: String,
-    /// TOML file with daemon settings: mode, socket, state_dir, ct_entries, seed, metrics (flags win)
+    /// TOML file: daemon settings (mode, socket, state_dir, ct_entries, seed,
+    /// metrics; flags win) and, if it has [[service]] tables (or `service =
+    /// []`), the services to run, applied at start as `mqlb apply -f` does
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// XDP mode: auto tries native then falls back to skb [default: auto]
@@ -243,7 +291,7 @@ impl HealthArgs {
 }
 
 /// `2s`, `500ms`, `1m` → milliseconds.
-fn parse_duration_ms(s: &str) -> Result<u64, String> {
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 2s or 500ms)"))?;
     u64::try_from(d.as_millis()).map_err(|_| "too long".to_string())
 }
@@ -322,6 +370,12 @@ pub enum CliError {
     State(#[from] StateError),
     #[error("cannot read config file {path}: {reason}")]
     Config { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(
+        "{file} has no services (no [[service]] table); write `service = []` to delete every service"
+    )]
+    NoServices { file: String },
     #[error("the daemon for {iface} did not exit within {secs} s")]
     StillRunning { iface: String, secs: u64 },
     #[error(transparent)]
@@ -380,6 +434,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 println!("{}", crate::probe::format_flow(&v));
             }
         }
+        Command::Apply { file, dry_run } => apply(&client, &file, dry_run).await?,
+        Command::Export => {
+            let d: Desired = client.get("/v1/export").await?;
+            print!("{}", manifest::to_toml(&d));
+        }
         Command::Decap(args) => decap(&args)?,
         Command::Completions { shell } => crate::docs::print_completions(shell)?,
         Command::Man { out } => crate::docs::print_man(out.as_deref())?,
@@ -387,20 +446,88 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Reads a file (`-`: standard input): its name for messages and its text.
+fn read_file(path: &Path) -> Result<(String, String), CliError> {
+    let err = |e: std::io::Error| CliError::Config {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    if path == Path::new("-") {
+        let text = std::io::read_to_string(std::io::stdin()).map_err(err)?;
+        return Ok(("<stdin>".into(), text));
+    }
+    let text = std::fs::read_to_string(path).map_err(err)?;
+    Ok((path.display().to_string(), text))
+}
+
+/// Parses a file and checks its services (if any) without the daemon.
+fn read_manifest(path: &Path) -> Result<(String, String, Manifest), CliError> {
+    let (name, text) = read_file(path)?;
+    let m = manifest::parse(&name, &text)?;
+    if let Some(d) = m.desired() {
+        manifest::check(&d).map_err(|e| manifest::locate(&name, &text, &e))?;
+    }
+    Ok((name, text, m))
+}
+
+/// `mqlb apply -f FILE`: checked here (FILE:LINE errors before any
+/// request), then sent whole in one request; the daemon checks it again
+/// against its own state and limits.
+async fn apply(client: &Client, file: &Path, dry_run: bool) -> Result<(), CliError> {
+    let (name, text, m) = read_manifest(file)?;
+    let desired = m
+        .desired()
+        .ok_or(CliError::NoServices { file: name.clone() })?;
+    let keys = m.daemon_keys();
+    if !keys.is_empty() {
+        eprintln!(
+            "note: {name}: {} only apply at `mqlb up --config`; apply leaves them",
+            keys.join(", ")
+        );
+    }
+    let req = ApplyRequest { dry_run, desired };
+    let reply: ApplyReply = match client
+        .call_full(hyper::Method::POST, "/v1/apply", Some(&req))
+        .await?
+    {
+        Ok(r) => r,
+        Err((_, e)) if e.at.is_some() => {
+            let at = e.at.unwrap_or_default();
+            return Err(manifest::locate_message(&name, &text, &at, e.error).into());
+        }
+        Err((status, e)) => {
+            return Err(ClientError::Api {
+                status,
+                message: e.error,
+            }
+            .into())
+        }
+    };
+    print!("{}", format_apply(&reply));
+    Ok(())
+}
+
+/// The changes, then one summary line (nothing more when there are none).
+pub fn format_apply(reply: &ApplyReply) -> String {
+    let mut out = manifest::format_changes(&reply.changes);
+    let n = reply.changes.len();
+    let changes = if n == 1 { "change" } else { "changes" };
+    if n > 0 && reply.applied {
+        let _ = writeln!(out, "applied {n} {changes}");
+    } else if n > 0 {
+        let _ = writeln!(out, "dry run: {n} {changes}, nothing applied");
+    }
+    out
+}
+
 /// Merges flags, the config file and defaults (flags win).
 pub fn up_options(args: &UpArgs, socket: Option<&Path>) -> Result<UpOptions, CliError> {
-    let file = match &args.config {
+    let (desired, file) = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| CliError::Config {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-            toml::from_str::<ConfigFile>(&text).map_err(|e| CliError::Config {
-                path: path.clone(),
-                reason: e.message().to_string(),
-            })?
+            let (_, _, m) = read_manifest(path)?;
+            (m.desired(), m.config())
         }
-        None => ConfigFile::default(),
+        None => (None, Default::default()),
     };
     Ok(UpOptions {
         iface: args.iface.clone(),
@@ -417,6 +544,8 @@ pub fn up_options(args: &UpArgs, socket: Option<&Path>) -> Result<UpOptions, Cli
         ct_entries: args.ct_entries.or(file.ct_entries),
         seed: args.seed.or(file.seed),
         metrics: args.metrics.or(file.metrics),
+        desired,
+        config: args.config.clone(),
     })
 }
 
@@ -973,6 +1102,12 @@ mod tests {
 
         std::fs::write(&cfg, "bogus = 1\n").unwrap();
         let err = up_options(&args, None).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("{}:1: field bogus: unknown field", cfg.display())),
+            "{err}"
+        );
+        std::fs::remove_file(&cfg).unwrap();
+        let err = up_options(&args, None).unwrap_err().to_string();
         assert!(err.starts_with("cannot read config file"), "{err}");
     }
 
@@ -1384,5 +1519,176 @@ mod tests {
         assert!(e.starts_with("bad address \"10.0.0.2\""), "{e}");
         let e = run_flow("10.0.0.2:40000").await.unwrap_err().to_string();
         assert!(e.starts_with("mqlb daemon is not running"), "{e}");
+    }
+
+    #[test]
+    fn apply_and_export_parse() {
+        let cli = parse(&["apply", "-f", "mqlb.toml", "--dry-run"]).unwrap();
+        let Command::Apply { file, dry_run } = cli.command else {
+            panic!("not apply")
+        };
+        assert_eq!((file, dry_run), (PathBuf::from("mqlb.toml"), true));
+        let cli = parse(&["apply", "--file", "-"]).unwrap();
+        assert!(matches!(cli.command, Command::Apply { dry_run: false, .. }));
+        assert!(parse(&["apply"]).is_err(), "-f is required");
+        assert!(matches!(
+            parse(&["export"]).unwrap().command,
+            Command::Export
+        ));
+        assert!(parse(&["export", "x"]).is_err());
+    }
+
+    const GOOD: &str = "[[service]]\nname = \"amqp\"\nvip = \"10.0.0.10:5672\"\nproto = \"tcp\"\n\
+                        ring_size = 13\nbackends = [{ ip = \"10.0.1.1\" }]\n";
+
+    /// `mqlb --socket SOCK apply -f FILE` with FILE holding `text`.
+    async fn apply_text(sock: &Path, text: &str) -> Result<(), CliError> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mqlb.toml");
+        std::fs::write(&file, text).unwrap();
+        let cli = parse(&[
+            "--socket",
+            sock.to_str().unwrap(),
+            "apply",
+            "-f",
+            file.to_str().unwrap(),
+        ])
+        .unwrap();
+        run(cli).await.map_err(|e| {
+            // Name the file as the user would see it relative to its dir.
+            match e {
+                CliError::Manifest(mut m) => {
+                    m.file = "mqlb.toml".into();
+                    CliError::Manifest(m)
+                }
+                e => e,
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn apply_refuses_a_bad_file_before_any_request() {
+        let none = Path::new("/nonexistent/x.sock");
+        let err = apply_text(none, &GOOD.replace("10.0.1.1", "10.0.1.300"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "mqlb.toml:6: field ip (service amqp, backend 10.0.1.300): bad address \"10.0.1.300\": \
+             expected an ipv4 or ipv6 address"
+        );
+        let err = apply_text(none, &GOOD.replace("proto", "protocol"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("mqlb.toml:4: field protocol (service amqp): unknown field `protocol`"),
+            "{err}"
+        );
+        let err = apply_text(none, "seed = 1\n")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with(
+            "has no services (no [[service]] table); write `service = []` to delete every service"
+        ));
+        let err = apply_text(none, GOOD).await.unwrap_err().to_string();
+        assert!(err.starts_with("mqlb daemon is not running"), "{err}");
+        let cli = parse(&["apply", "-f", "/nonexistent/mqlb.toml"]).unwrap();
+        let err = run(cli).await.unwrap_err().to_string();
+        assert!(
+            err.starts_with("cannot read config file /nonexistent/mqlb.toml: "),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_daemon_refusal_names_the_line_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let core = crate::daemon::Core::new(
+            crate::state::State::default(),
+            crate::state::StateStore::new(dir.path()),
+            Box::new(crate::dataplane::MemDataplane::default()),
+            Default::default(),
+        )
+        .unwrap();
+        let shared = crate::daemon::Shared::new(core);
+        let listener = crate::daemon::bind_socket(&sock).await.unwrap();
+        let app = crate::api::router(shared.clone());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+        apply_text(&sock, GOOD).await.unwrap();
+        assert_eq!(shared.core.lock().await.state().services.len(), 1);
+        // Valid on its own, but the daemon has no password for "***".
+        let text = format!(
+            "{GOOD}\n[[service]]\nname = \"mgmt\"\nvip = \"10.0.0.10:15672\"\nproto = \"tcp\"\n\
+             check = \"http:http://{{backend}}:15672/\"\ncheck_user = \"guest\"\n\
+             check_password = \"***\"\n"
+        );
+        let err = apply_text(&sock, &text).await.unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "mqlb.toml:14: field check_password (service mgmt): \"***\" stands for"
+            ),
+            "{err}"
+        );
+        assert_eq!(shared.core.lock().await.state().services.len(), 1);
+        server.abort();
+    }
+
+    #[test]
+    fn apply_output_reads_well() {
+        use crate::manifest::Change;
+        let reply = |changes: Vec<Change>, applied| ApplyReply { changes, applied };
+        assert_eq!(format_apply(&reply(vec![], true)), "no changes\n");
+        let del = Change::DelBackend {
+            service: "amqp".into(),
+            ip: "10.0.0.11".parse().unwrap(),
+        };
+        assert_eq!(
+            format_apply(&reply(vec![del.clone()], true)),
+            "- backend amqp 10.0.0.11\napplied 1 change\n"
+        );
+        assert_eq!(
+            format_apply(&reply(vec![del.clone(), del], false)),
+            "- backend amqp 10.0.0.11\n- backend amqp 10.0.0.11\ndry run: 2 changes, nothing applied\n"
+        );
+    }
+
+    #[test]
+    fn up_config_may_hold_the_services() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("mqlb.toml");
+        let path = cfg.to_str().unwrap();
+        let up = |extra: &[&str]| {
+            let mut argv = vec!["up", "--iface", "eth1", "--config", path];
+            argv.extend_from_slice(extra);
+            let Command::Up(args) = parse(&argv).unwrap().command else {
+                panic!("not up")
+            };
+            up_options(&args, None)
+        };
+        std::fs::write(&cfg, format!("mode = \"skb\"\nseed = 5\n{GOOD}")).unwrap();
+        let o = up(&[]).unwrap();
+        assert_eq!((o.mode, o.seed), (Mode::Skb, Some(5)));
+        let d = o.desired.expect("the file's services");
+        assert_eq!(d.service[0].name, "amqp");
+        assert_eq!(o.config.as_deref(), Some(cfg.as_path()));
+        std::fs::write(&cfg, "mode = \"skb\"\n").unwrap();
+        assert_eq!(
+            up(&[]).unwrap().desired,
+            None,
+            "no service key: state untouched"
+        );
+        std::fs::write(&cfg, GOOD.replace("ring_size = 13", "ring_size = 4")).unwrap();
+        let err = up(&[]).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "{path}:5: field ring_size (service amqp): ring size 4"
+            )),
+            "{err}"
+        );
     }
 }

@@ -79,6 +79,23 @@ impl Client {
         path: &str,
         body: Option<&(impl Serialize + ?Sized)>,
     ) -> Result<T, ClientError> {
+        match self.call_full(method, path, body).await? {
+            Ok(v) => Ok(v),
+            Err((status, e)) => Err(ClientError::Api {
+                status,
+                message: e.error,
+            }),
+        }
+    }
+
+    /// Like [`Client::call`], but a refusal comes back whole: its status and
+    /// its [`ErrorBody`] (with `at` for a refused apply).
+    pub async fn call_full<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<Result<T, (u16, ErrorBody)>, ClientError> {
         let transport = |reason: String| ClientError::Transport {
             path: self.socket.clone(),
             reason,
@@ -112,20 +129,18 @@ impl Client {
             .to_bytes();
         conn.abort();
         if !status.is_success() {
-            let message = serde_json::from_slice::<ErrorBody>(&body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| {
-                    format!(
-                        "daemon answered {status}: {}",
-                        String::from_utf8_lossy(&body)
-                    )
-                });
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                message,
+            let error = serde_json::from_slice::<ErrorBody>(&body).unwrap_or_else(|_| ErrorBody {
+                error: format!(
+                    "daemon answered {status}: {}",
+                    String::from_utf8_lossy(&body)
+                ),
+                at: None,
             });
+            return Ok(Err((status.as_u16(), error)));
         }
-        serde_json::from_slice(&body).map_err(|e| ClientError::Decode(e.to_string()))
+        serde_json::from_slice(&body)
+            .map(Ok)
+            .map_err(|e| ClientError::Decode(e.to_string()))
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {

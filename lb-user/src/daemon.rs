@@ -36,6 +36,7 @@ use crate::{
     health::{self, BackendHealth, CheckTarget, HealthView, ProbeResult, Status},
     host,
     loader::{self, Attached, LoadError, Mode},
+    manifest::{self, ApplyError, ApplyReply, Change, Desired},
     nexthop::{self, Resolver},
     plan::{self, addr16, plan, Applied, Hop},
     probe::{self, FlowReason, FlowView},
@@ -59,6 +60,9 @@ pub const RESOLVE_RETRY: Duration = Duration::from_secs(1);
 pub enum CoreError {
     #[error(transparent)]
     State(#[from] StateError),
+    /// `POST /v1/apply`: the desired state, and where it is wrong.
+    #[error(transparent)]
+    Apply(Box<ApplyError>),
     #[error("the change was not saved")]
     Store(#[source] StoreError),
     #[error("the change was saved, but writing the maps failed (the daemon retries)")]
@@ -67,11 +71,18 @@ pub enum CoreError {
     Probe(#[source] DataplaneError),
 }
 
+impl From<ApplyError> for CoreError {
+    fn from(e: ApplyError) -> Self {
+        CoreError::Apply(Box::new(e))
+    }
+}
+
 impl CoreError {
     /// The HTTP status the API answers with.
     pub fn status(&self) -> u16 {
         match self {
             CoreError::State(e) => e.status(),
+            CoreError::Apply(e) => e.status,
             _ => 500,
         }
     }
@@ -233,6 +244,14 @@ impl Core {
     ) -> Result<T, CoreError> {
         let mut next = self.state.clone();
         let out = f(&mut next)?;
+        self.commit(next)?;
+        self.sync().map_err(CoreError::Dataplane)?;
+        Ok(out)
+    }
+
+    /// Saves `next` (if it differs) and makes it the state; the maps are
+    /// written by the next [`Core::sync`].
+    fn commit(&mut self, next: State) -> Result<(), CoreError> {
         if next != self.state {
             let t = std::time::Instant::now();
             self.store.save(&next).map_err(CoreError::Store)?;
@@ -244,8 +263,37 @@ impl Core {
             self.refresh_health();
             self.changes.send_modify(|n| *n += 1);
         }
+        Ok(())
+    }
+
+    /// `mqlb apply`: makes the state match `desired` in one change. Every
+    /// entry is validated (also against this daemon's limits and stored
+    /// passwords) before anything changes; the result is saved once, then
+    /// written to the maps in one plan. A dry run only computes the changes.
+    pub fn apply(&mut self, desired: &Desired, dry_run: bool) -> Result<ApplyReply, CoreError> {
+        let (next, changes) = manifest::apply_to(&self.state, desired)?;
+        if dry_run {
+            return Ok(ApplyReply {
+                changes,
+                applied: false,
+            });
+        }
+        self.commit(next)?;
+        log_changes(&changes, "applied");
         self.sync().map_err(CoreError::Dataplane)?;
-        Ok(out)
+        Ok(ApplyReply {
+            changes,
+            applied: true,
+        })
+    }
+
+    /// `mqlb up --config FILE` with services: like [`Core::apply`], but the
+    /// maps are written later, once next hops are resolved.
+    pub fn apply_at_start(&mut self, desired: &Desired) -> Result<Vec<Change>, CoreError> {
+        let (next, changes) = manifest::apply_to(&self.state, desired)?;
+        self.commit(next)?;
+        log_changes(&changes, "applied from the config file");
+        Ok(changes)
     }
 
     /// Follows saved state changes (the health checks restart their probes).
@@ -689,6 +737,15 @@ impl Core {
     }
 }
 
+fn log_changes(changes: &[Change], what: &str) {
+    if changes.is_empty() {
+        info!("desired state {what}: no changes");
+    }
+    for c in changes {
+        info!(change = %c, "desired state {what}");
+    }
+}
+
 fn map_addr(a: &[u8; 16]) -> IpAddr {
     match lb_common::v4_unmapped(a) {
         Some(v4) => IpAddr::from(v4),
@@ -852,9 +909,15 @@ pub struct UpOptions {
     pub seed: Option<u32>,
     /// Serve `/metrics` for Prometheus on this TCP address.
     pub metrics: Option<std::net::SocketAddr>,
+    /// The services of the `--config` file (it has a `service` key): the
+    /// daemon makes its state match them at start, as `mqlb apply` does.
+    pub desired: Option<Desired>,
+    /// The `--config` file, for messages.
+    pub config: Option<PathBuf>,
 }
 
-/// `mqlb up --config FILE`: daemon settings (flags win over the file).
+/// `mqlb up --config FILE`: daemon settings (flags win over the file). The
+/// file is parsed by [`crate::manifest`], which also takes its services.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
@@ -879,6 +942,12 @@ pub enum DaemonError {
     Dataplane(#[from] DataplaneError),
     #[error("restoring the saved state failed")]
     Restore(#[source] CoreError),
+    #[error("applying the services of {} failed", path.display())]
+    Config {
+        path: PathBuf,
+        #[source]
+        source: Box<CoreError>,
+    },
     #[error("cannot open netlink for next hops")]
     Resolver(#[source] nexthop::NextHopError),
     #[error("another mqlb daemon already serves {path}; stop it or pass another --socket")]
@@ -1021,7 +1090,18 @@ pub async fn run(opts: UpOptions) -> Result<(), DaemonError> {
         ..StatusView::default()
     };
     let mut core = Core::new(state, store, Box::new(dp), status)?;
-    if let Some(seed) = opts.seed {
+    if let Some(desired) = &opts.desired {
+        // The flag's seed wins over the file's (see `cli::up_options`).
+        let desired = Desired {
+            seed: opts.seed.or(desired.seed),
+            ..desired.clone()
+        };
+        core.apply_at_start(&desired)
+            .map_err(|source| DaemonError::Config {
+                path: opts.config.clone().unwrap_or_default(),
+                source: Box::new(source),
+            })?;
+    } else if let Some(seed) = opts.seed {
         core.set_seed(seed).map_err(DaemonError::Restore)?;
     }
     let shared = Shared::new(core);
@@ -1563,6 +1643,114 @@ mod tests {
         assert!(core.check_targets().is_empty());
         assert_eq!(live_table(&mem, &core), ids.iter().copied().collect());
         assert_eq!(map_state(&mem, ids[0]), lb_common::backend_state::ACTIVE);
+    }
+
+    fn desired(text: &str) -> Desired {
+        manifest::parse("t.toml", text).unwrap().desired().unwrap()
+    }
+
+    const TWO: &str = "seed = 3\n[[service]]\nname = \"amqp\"\nvip = \"10.0.0.10:5672\"\n\
+                       proto = \"tcp\"\nring_size = 13\ncheck = \"amqp\"\n\
+                       backends = [{ ip = \"10.0.1.1\" }, { ip = \"10.0.1.2\" }]\n";
+
+    #[test]
+    fn an_apply_is_one_saved_change_and_one_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut core, mem) = core_with_maps(dir.path());
+        let changes = core.subscribe_changes();
+        let reply = core.apply(&desired(TWO), false).unwrap();
+        assert!(reply.applied);
+        assert_eq!(reply.changes.len(), 4);
+        assert_eq!(*changes.borrow(), 1, "saved once");
+        assert_eq!(live_table(&mem, &core), [1, 2].into());
+        assert_eq!(core.state().seed, 3);
+        assert_eq!(core.check_targets().len(), 2, "the checks follow");
+        let saved = StateStore::new(dir.path()).load().unwrap().unwrap();
+        assert_eq!(&saved, core.state());
+
+        // Again: nothing to do, nothing saved or written.
+        let writes = mem.lock().unwrap().writes;
+        let reply = core.apply(&desired(TWO), false).unwrap();
+        assert_eq!(reply.changes, []);
+        assert_eq!(*changes.borrow(), 1);
+        assert_eq!(mem.lock().unwrap().writes, writes);
+
+        // A dry run of a real change: computed, not made.
+        let drop_one = TWO.replace(", { ip = \"10.0.1.2\" }", "");
+        let reply = core.apply(&desired(&drop_one), true).unwrap();
+        assert_eq!(
+            reply
+                .changes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["- backend amqp 10.0.1.2"]
+        );
+        assert!(!reply.applied);
+        assert_eq!(live_table(&mem, &core), [1, 2].into());
+        assert_eq!(mem.lock().unwrap().writes, writes);
+    }
+
+    #[test]
+    fn an_apply_whose_maps_fail_is_saved_and_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut core = core_in(
+            dir.path(),
+            MemDataplane {
+                fail_at: Some(2),
+                ..Default::default()
+            },
+        );
+        let err = core.apply(&desired(TWO), false).unwrap_err();
+        assert!(matches!(err, CoreError::Dataplane(_)), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "the change was saved, but writing the maps failed (the daemon retries)"
+        );
+        let saved = StateStore::new(dir.path()).load().unwrap().unwrap();
+        assert_eq!(saved.services[0].backends.len(), 2, "all of it saved");
+        core.dp = Box::new(MemDataplane::default());
+        core.sync().unwrap();
+        let p = plan(
+            &core.state,
+            &core.plan_health(),
+            &core.hops,
+            core.default_src,
+            &core.applied,
+        );
+        assert!(p.is_empty(), "the maps caught up with the saved state");
+    }
+
+    #[test]
+    fn a_refused_apply_leaves_state_maps_and_file_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut core, mem) = core_with_maps(dir.path());
+        core.apply(&desired(TWO), false).unwrap();
+        let before = core.state().clone();
+        let file = fs::read(StateStore::new(dir.path()).path()).unwrap();
+        let writes = mem.lock().unwrap().writes;
+        let bad = TWO.replace("ring_size = 13", "ring_size = 12");
+        let err = core.apply(&desired(&bad), false).unwrap_err();
+        assert_eq!(err.status(), 400);
+        assert_eq!(
+            err.to_string(),
+            "field ring_size (service amqp): ring size 12 must be a prime number from 3 to 65537"
+        );
+        assert_eq!(*core.state(), before);
+        assert_eq!(fs::read(StateStore::new(dir.path()).path()).unwrap(), file);
+        assert_eq!(mem.lock().unwrap().writes, writes);
+    }
+
+    #[test]
+    fn the_config_files_services_are_saved_at_start_and_written_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut core, mem) = core_with_maps(dir.path());
+        let changes = core.apply_at_start(&desired(TWO)).unwrap();
+        assert_eq!(changes.len(), 4);
+        assert_eq!(mem.lock().unwrap().writes, 0, "no write before next hops");
+        assert!(StateStore::new(dir.path()).load().unwrap().is_some());
+        core.sync().unwrap();
+        assert_eq!(live_table(&mem, &core), [1, 2].into());
     }
 
     #[test]

@@ -175,14 +175,12 @@ mod tests {
         assert!(!out.join("mqlb-help.1").exists());
     }
 
-    /// The shipped unit runs the daemon for the instance's interface.
-    #[test]
-    fn systemd_unit_runs_up_for_the_instance() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/mqlb@.service");
-        let unit = std::fs::read_to_string(&path).unwrap();
+    /// `KEY=VALUE` lines of a systemd unit section or an environment file
+    /// (comments and blank lines skipped; quotes around a value removed).
+    fn key_values(text: &str, want_section: Option<&str>) -> Vec<(String, String)> {
         let mut section = "";
-        let mut exec_start = Vec::new();
-        for line in unit.lines().map(str::trim) {
+        let mut out = Vec::new();
+        for line in text.lines().map(str::trim) {
             if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
                 continue;
             }
@@ -194,21 +192,62 @@ mod tests {
             let (key, value) = line
                 .split_once('=')
                 .unwrap_or_else(|| panic!("not KEY=VALUE: {line:?}"));
-            assert!(!section.is_empty(), "{key} outside a section");
-            if section == "[Service]" && key.trim() == "ExecStart" {
-                exec_start.push(value.trim().to_string());
+            if want_section.is_none_or(|w| w == section) {
+                let value = value.trim().trim_matches('"');
+                out.push((key.trim().to_string(), value.to_string()));
             }
         }
-        assert_eq!(exec_start.len(), 1, "{exec_start:?}");
-        let argv: Vec<&str> = exec_start[0].split_whitespace().collect();
-        assert!(argv[0].ends_with("/mqlb"), "{argv:?}");
-        assert_eq!(&argv[1..4], ["up", "--iface", "%i"], "{argv:?}");
-        // And that command line parses, for an instance `eth1`.
-        let argv = argv.iter().map(|a| a.replace("%i", "eth1"));
-        let cli = <Cli as clap::Parser>::try_parse_from(argv).unwrap();
-        let crate::cli::Command::Up(up) = cli.command else {
-            panic!("ExecStart is not `mqlb up`");
+        out
+    }
+
+    /// The shipped unit runs `mqlb up` for the interface its environment file
+    /// names, and that command line parses, with and without extra flags.
+    #[test]
+    fn systemd_unit_runs_up_for_the_configured_interface() {
+        let contrib = Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib");
+        let unit = std::fs::read_to_string(contrib.join("mqlb.service")).unwrap();
+        let service = key_values(&unit, Some("[Service]"));
+        let get = |key: &str| -> Vec<&str> {
+            service
+                .iter()
+                .filter(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+                .collect()
         };
-        assert_eq!(up.iface, "eth1");
+        assert_eq!(get("EnvironmentFile"), ["/etc/default/mqlb"]);
+        let exec = get("ExecStart");
+        assert_eq!(exec.len(), 1, "{exec:?}");
+
+        let default = std::fs::read_to_string(contrib.join("mqlb.default")).unwrap();
+        let env = key_values(&default, None);
+        let var = |k: &str| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        let iface = var("MQLB_IFACE").expect("the sample sets MQLB_IFACE");
+        // systemd: `${X}` is one word, `$X` splits on whitespace.
+        let expand = |opts: &str| -> Vec<String> {
+            exec[0]
+                .split_whitespace()
+                .flat_map(|w| match w {
+                    "${MQLB_IFACE}" => vec![iface.clone()],
+                    "$MQLB_OPTS" => opts.split_whitespace().map(str::to_string).collect(),
+                    w => vec![w.to_string()],
+                })
+                .collect()
+        };
+        let example = default
+            .lines()
+            .find_map(|l| l.strip_prefix("#MQLB_OPTS="))
+            .expect("the sample shows MQLB_OPTS in use")
+            .trim_matches('"')
+            .to_string();
+        for opts in [var("MQLB_OPTS").unwrap_or_default(), example] {
+            let argv = expand(&opts);
+            assert!(argv[0].ends_with("/mqlb"), "{argv:?}");
+            let cli = <Cli as clap::Parser>::try_parse_from(&argv)
+                .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            let crate::cli::Command::Up(up) = cli.command else {
+                panic!("ExecStart is not `mqlb up`");
+            };
+            assert_eq!(up.iface, iface);
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! `main.rs` only parses arguments and calls in here.
 //!
 //! - [`state`]: services, backends, ids; validation; atomic persistence.
+//! - [`manifest`]: the declarative TOML file of `apply`, `export` and `up --config`.
 //! - [`plan`]: desired state → map writes (pure, tested without a kernel).
 //! - [`dataplane`]: the maps behind a trait (kernel or in memory).
 //! - [`loader`]: load, pin, attach or replace the XDP programs.
@@ -23,6 +24,7 @@ pub mod docs;
 pub mod health;
 pub mod host;
 pub mod loader;
+pub mod manifest;
 pub mod metrics;
 pub mod nexthop;
 pub mod plan;

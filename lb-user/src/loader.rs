@@ -108,6 +108,17 @@ pub enum LoadError {
         want: Layout,
     },
     #[error(
+        "{iface} has maps of layout v{found} pinned under {root} (another mqlb version) but \
+         this mqlb uses v{want}; they cannot be carried over: run `mqlb down --iface {iface}` \
+         (detaches, drops conntrack) and start again, or run the matching mqlb"
+    )]
+    OtherLayout {
+        iface: String,
+        root: PathBuf,
+        found: u32,
+        want: u32,
+    },
+    #[error(
         "pinned {map} holds {pinned} entries but --ct-entries asks for {asked}; drop \
          --ct-entries to keep {pinned}, or run `mqlb down --iface {iface}` first (drops conntrack)"
     )]
@@ -544,6 +555,14 @@ pub fn load_lb(
             l.max_entries = lb_common::CT_DEFAULT_ENTRIES;
         }
     }
+    if let Some(&found) = other_layouts(&pins.root).first() {
+        return Err(LoadError::OtherLayout {
+            iface: iface.into(),
+            root: pins.root,
+            found,
+            want: LAYOUT_VERSION,
+        });
+    }
     let maps_dir = pins.maps();
     check_pinned(&pins, &maps_dir, &mut maps, ct_entries)?;
     mkdir_private(&maps_dir)?;
@@ -669,10 +688,31 @@ fn remove_dir_if_empty(dir: &Path) {
     let _ = fs::remove_dir(dir);
 }
 
-/// Detaches `mqlb` from `iface` and removes its pins (the conntrack goes with them).
+/// Layout versions other than this build's with maps pinned under `root`
+/// (`v{N}` directories), newest first.
+fn other_layouts(root: &Path) -> Vec<u32> {
+    let mut found: Vec<u32> = fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let v: u32 = e.file_name().to_str()?.strip_prefix('v')?.parse().ok()?;
+            let has_pins = fs::read_dir(e.path()).ok()?.next().is_some();
+            (v != LAYOUT_VERSION && has_pins).then_some(v)
+        })
+        .collect();
+    found.sort_unstable_by(|a, b| b.cmp(a));
+    found
+}
+
+/// Detaches `mqlb` from `iface` and removes its pins (the conntrack goes with
+/// them), those of other layout versions too.
 pub fn unload_lb(iface: &str) -> Result<Vec<PathBuf>, LoadError> {
     let pins = Pins::new(iface);
-    let removed = unpin(&pins.link(), &pins.maps())?;
+    let mut removed = unpin(&pins.link(), &pins.maps())?;
+    for v in other_layouts(&pins.root) {
+        removed.extend(unpin(Path::new(""), &pins.root.join(format!("v{v}")))?);
+    }
     remove_dir_if_empty(&pins.root);
     if removed.is_empty() {
         return Err(LoadError::NotAttached {
@@ -701,6 +741,39 @@ pub fn unload_decap(iface: &str) -> Result<Vec<PathBuf>, LoadError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Maps of another layout version are found (so `up` refuses and `down`
+    /// removes them); this build's own directory and empty ones are not.
+    #[test]
+    fn other_layout_versions_are_found() {
+        let root = tempfile::tempdir().unwrap();
+        let mk = |dir: &str, file: Option<&str>| {
+            let d = root.path().join(dir);
+            fs::create_dir_all(&d).unwrap();
+            if let Some(f) = file {
+                fs::write(d.join(f), b"").unwrap();
+            }
+        };
+        assert_eq!(other_layouts(root.path()), Vec::<u32>::new());
+        mk(&format!("v{LAYOUT_VERSION}"), Some("CT4"));
+        mk("v999", None);
+        mk("decap", Some("link"));
+        assert_eq!(other_layouts(root.path()), Vec::<u32>::new());
+        mk("v1", Some("CT4"));
+        mk("v0", Some("SERVICES"));
+        assert_eq!(other_layouts(root.path()), [1, 0]);
+        let msg = LoadError::OtherLayout {
+            iface: "eth1".into(),
+            root: root.path().into(),
+            found: 1,
+            want: LAYOUT_VERSION,
+        }
+        .to_string();
+        assert!(
+            msg.contains("layout v1") && msg.contains("mqlb down --iface eth1"),
+            "{msg}"
+        );
+    }
 
     #[test]
     fn pin_paths_carry_the_layout_version() {

@@ -293,7 +293,7 @@ pub fn plan(
             seed: state.seed,
             udp_idle_s: svc.udp_idle_s,
             hash_mode: svc.hash.mode() as u8,
-            _pad: [0; 3],
+            ..Default::default()
         };
         if !table.is_empty() {
             let live_half = live.filter(|v| v.ring_size > 0).map(half_of);

@@ -426,7 +426,8 @@ fn check_unicast(addr: IpAddr) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn check_name(name: &str) -> Result<(), StateError> {
+/// Checks a service name (as `service add` does).
+pub fn check_name(name: &str) -> Result<(), StateError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name.as_bytes()[0].is_ascii_alphanumeric()
@@ -440,7 +441,8 @@ fn check_name(name: &str) -> Result<(), StateError> {
     }
 }
 
-fn check_weight(weight: u64) -> Result<u32, StateError> {
+/// Checks a backend weight: 1-[`MAX_WEIGHT`].
+pub fn check_weight(weight: u64) -> Result<u32, StateError> {
     if (1..=MAX_WEIGHT as u64).contains(&weight) {
         Ok(weight as u32)
     } else {
@@ -448,7 +450,8 @@ fn check_weight(weight: u64) -> Result<u32, StateError> {
     }
 }
 
-fn check_udp_idle(secs: u64) -> Result<u32, StateError> {
+/// Checks a UDP idle timeout in seconds: 1-[`MAX_UDP_IDLE_S`].
+pub fn check_udp_idle(secs: u64) -> Result<u32, StateError> {
     if (1..=MAX_UDP_IDLE_S as u64).contains(&secs) {
         Ok(secs as u32)
     } else {
@@ -456,7 +459,8 @@ fn check_udp_idle(secs: u64) -> Result<u32, StateError> {
     }
 }
 
-fn check_ring_size(size: u64) -> Result<u32, StateError> {
+/// Checks a Maglev table size: a prime from 3 to `RING_MAX`.
+pub fn check_ring_size(size: u64) -> Result<u32, StateError> {
     if (3..=RING_MAX as u64).contains(&size) && is_prime(size as u32) {
         Ok(size as u32)
     } else {

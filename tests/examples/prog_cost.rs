@@ -205,7 +205,7 @@ fn set_up_lb(lb: &mut Ebpf) {
             seed: 1,
             udp_idle_s: 3600,
             hash_mode: mode as u8,
-            _pad: [0; 3],
+            ..Default::default()
         };
         svcs.insert(key, value, 0).unwrap();
     }

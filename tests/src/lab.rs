@@ -97,6 +97,9 @@ pub struct LabConfig {
     /// Backend namespaces (1..=9).
     pub backends: usize,
     pub mode: XdpMode,
+    /// Port of `mqlb up --metrics 127.0.0.1:PORT` (metrics and the status
+    /// page, reachable inside the LB namespace: [`Lab::metrics_url`]); `None`: off.
+    pub metrics: Option<u16>,
 }
 
 impl Default for LabConfig {
@@ -104,6 +107,7 @@ impl Default for LabConfig {
         LabConfig {
             backends: 3,
             mode: XdpMode::Skb,
+            metrics: None,
         }
     }
 }
@@ -203,6 +207,8 @@ pub struct Lab {
     pub lb: Node,
     pub backends: Vec<Node>,
     mqlb: PathBuf,
+    /// `--metrics` port of the daemon, if on.
+    metrics: Option<u16>,
     dir: tempfile::TempDir,
     daemon: Option<Proc>,
     decaps: Vec<Decap>,
@@ -345,6 +351,7 @@ impl Lab {
         };
         let mut lab = Lab {
             mode: cfg.mode,
+            metrics: cfg.metrics,
             vip: Ipv4Addr::new(10, x, 100, 1),
             client: node("client", "c", 2),
             lb: node("lb", "l", 1),
@@ -470,6 +477,12 @@ impl Lab {
         &self.mqlb
     }
 
+    /// `http://127.0.0.1:PORT` of the daemon's metrics and status page when
+    /// [`LabConfig::metrics`] is set; it answers inside the LB namespace only.
+    pub fn metrics_url(&self) -> Option<String> {
+        self.metrics.map(|port| format!("http://127.0.0.1:{port}"))
+    }
+
     /// The daemon's API socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("mqlb.sock")
@@ -495,7 +508,9 @@ impl Lab {
         })
     }
 
-    fn start_daemon(&mut self) -> Result<()> {
+    /// Starts `mqlb up` in the LB namespace and waits until it answers on
+    /// its socket with the program attached.
+    pub fn start_daemon(&mut self) -> Result<()> {
         std::fs::create_dir_all(self.state_dir())?;
         let mut cmd = self.lb.command(&self.mqlb);
         cmd.arg("up")
@@ -505,6 +520,9 @@ impl Lab {
             .arg("--state-dir")
             .arg(self.state_dir())
             .args(["--mode", self.mode.as_arg()]);
+        if let Some(port) = self.metrics {
+            cmd.args(["--metrics", &format!("127.0.0.1:{port}")]);
+        }
         let proc = self.spawn("mqlb daemon", cmd, "mqlbd.log")?;
         self.daemon = Some(proc);
         let socket = self.socket();
@@ -590,16 +608,80 @@ impl Lab {
     /// program is still attached, then starts a new daemon on the same
     /// interface, socket and state directory, as an operator would.
     pub fn kill9_and_restart_daemon(&mut self) -> Result<()> {
+        self.kill9_daemon()?;
+        // The dead daemon could not remove its socket: the new one must cope.
+        self.start_daemon()
+    }
+
+    /// Stops the daemon with SIGTERM, as `systemctl stop` or the first half
+    /// of an upgrade does, waits for it to exit and checks the program stayed
+    /// attached. [`Lab::start_daemon`] starts the next one (an upgrade is the
+    /// new binary started on the same interface, socket and state).
+    pub fn stop_daemon(&mut self) -> Result<()> {
+        let mut proc = self.daemon.take().context("no daemon to stop")?;
+        let pid = Pid::from_raw(proc.child.id() as i32);
+        kill(pid, Signal::SIGTERM).context("SIGTERM the daemon")?;
+        let status = proc.child.wait().context("reap the daemon")?;
+        if !status.success() {
+            bail!(
+                "the daemon exited with {status} on SIGTERM; its log:\n{}",
+                log_tail(&proc.log, 40)
+            );
+        }
+        if !self.lb.xdp_attached()? {
+            bail!("the XDP program was detached when the daemon stopped");
+        }
+        self.rotate_daemon_log();
+        Ok(())
+    }
+
+    /// Kills the daemon with SIGKILL and checks the program stayed attached;
+    /// [`Lab::start_daemon`] starts the next one.
+    pub fn kill9_daemon(&mut self) -> Result<()> {
         let mut proc = self.daemon.take().context("no daemon to kill")?;
         proc.child.kill().context("SIGKILL the daemon")?;
         proc.child.wait().context("reap the daemon")?;
         if !self.lb.xdp_attached()? {
             bail!("the XDP program was detached when the daemon died");
         }
-        // The dead daemon could not remove its socket: the new one must cope.
-        let old_log = self.daemon_log();
-        let _ = std::fs::rename(&old_log, old_log.with_extension("log.1"));
-        self.start_daemon()
+        self.rotate_daemon_log();
+        Ok(())
+    }
+
+    /// Keeps the last daemon's log beside the next one's (`mqlbd.log.N`).
+    fn rotate_daemon_log(&self) {
+        let log = self.daemon_log();
+        let n = (1..)
+            .find(|n| !log.with_extension(format!("log.{n}")).exists())
+            .unwrap_or(1);
+        let _ = std::fs::rename(&log, log.with_extension(format!("log.{n}")));
+    }
+
+    /// The id of the XDP program on the LB's interface.
+    pub fn lb_prog_id(&self) -> Result<u64> {
+        let json = self.lb.ip(&["-j", "link", "show", "dev", &self.lb.iface])?;
+        let v: serde_json::Value = serde_json::from_str(&json)
+            .with_context(|| format!("`ip -j link` printed no JSON: {json}"))?;
+        let xdp = &v[0]["xdp"];
+        xdp["prog"]["id"]
+            .as_u64()
+            .or_else(|| xdp["attached"][0]["prog"]["id"].as_u64())
+            .ok_or_else(|| anyhow!("no XDP program id on {} in {json}", self.lb.iface))
+    }
+
+    /// The kernel's id of the map the daemon pinned as `name`.
+    pub fn pinned_map_id(&self, name: &str) -> Result<u64> {
+        let path = LbMaps::pin_dir(&self.lb.iface).join(name);
+        let json = output(
+            Command::new("bpftool")
+                .args(["-j", "map", "show", "pinned"])
+                .arg(&path),
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&json)
+            .with_context(|| format!("`bpftool map show` printed no JSON: {json}"))?;
+        v["id"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("no map id for {} in {json}", path.display()))
     }
 
     /// `mqlb --socket S ARGS...` (the CLI, from the test's namespace: it

@@ -10,5 +10,7 @@ pub mod bench_report;
 pub mod bench_util;
 pub mod frames;
 pub mod lab;
+pub mod media;
 pub mod netns;
 pub mod privileged;
+pub mod rabbit;

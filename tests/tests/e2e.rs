@@ -15,6 +15,8 @@ use mqlb_tests::privileged::require_root;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const AMQP: u16 = 5672;
@@ -217,7 +219,7 @@ in_both_modes! {
     udp_flows_predicted: udp_flows_predicted_skb, udp_flows_predicted_native;
     established_flows_survive_add_drain_delete: established_flows_survive_add_drain_delete_skb, established_flows_survive_add_drain_delete_native;
     one_mib_through_vip_with_pmtu: one_mib_through_vip_with_pmtu_skb, one_mib_through_vip_with_pmtu_native;
-    flows_survive_daemon_kill9: flows_survive_daemon_kill9_skb, flows_survive_daemon_kill9_native;
+    flows_survive_upgrade_and_kill9: flows_survive_upgrade_and_kill9_skb, flows_survive_upgrade_and_kill9_native;
 }
 
 /// 300 TCP connections through the VIP, all open at once: each lands on the
@@ -501,25 +503,163 @@ fn one_mib_through_vip_with_pmtu(mode: XdpMode) {
     );
 }
 
-/// `kill -9` of the daemon with 100 connections open: the program stays
-/// attached and keeps forwarding while no daemon runs, the restarted daemon
-/// reopens the pinned maps (conntrack included) and the saved state, and no
-/// connection breaks or changes backend.
-fn flows_survive_daemon_kill9(mode: XdpMode) {
+/// Exchanges messages on every connection in a loop on its own thread, so
+/// the connections keep talking while the test stops, kills and upgrades the
+/// daemon. Each message must come back from the backend the connection
+/// started on; the first failure ends the loop and fails the test at
+/// [`Pump::finish`].
+struct Pump {
+    /// The phase the test is in; the pump counts its rounds per phase.
+    phase: Arc<AtomicUsize>,
+    /// Full rounds (one message on every connection) completed per phase.
+    rounds: Arc<[AtomicU64; PHASES]>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<Vec<Conn>, String>>,
+}
+
+const PHASES: usize = 5;
+
+impl Pump {
+    fn start(mut conns: Vec<Conn>) -> Pump {
+        let phase = Arc::new(AtomicUsize::new(0));
+        let rounds: Arc<[AtomicU64; PHASES]> = Arc::new(Default::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (phase, rounds, stop) = (phase.clone(), rounds.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut round = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    // A round counts for the phase it started in, and only if
+                    // the phase did not change while it ran.
+                    let p = phase.load(Ordering::SeqCst);
+                    for (i, c) in conns.iter_mut().enumerate() {
+                        let msg = format!("pump {round} {i}");
+                        let name =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.ask(&msg)))
+                                .map_err(|e| {
+                                    let why = e
+                                        .downcast_ref::<String>()
+                                        .cloned()
+                                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                                        .unwrap_or_default();
+                                    format!("phase {p}, round {round}: {why}")
+                                })?;
+                        if name != c.backend {
+                            return Err(format!(
+                                "phase {p}, round {round}: flow {} moved from {} to {name}",
+                                c.src, c.backend
+                            ));
+                        }
+                    }
+                    if phase.load(Ordering::SeqCst) == p {
+                        rounds[p].fetch_add(1, Ordering::SeqCst);
+                    }
+                    round += 1;
+                }
+                Ok(conns)
+            })
+        };
+        Pump {
+            phase,
+            rounds,
+            stop,
+            thread,
+        }
+    }
+
+    /// Moves to phase `p` and waits until the pump has completed `n` full
+    /// rounds inside it (fails at once if the pump has failed).
+    fn enter(&self, p: usize, n: u64, what: &str) {
+        self.phase.store(p, Ordering::SeqCst);
+        self.wait_rounds(p, n, what);
+    }
+
+    fn wait_rounds(&self, p: usize, n: u64, what: &str) {
+        wait_for(
+            &format!("{n} full rounds of messages {what}"),
+            Duration::from_secs(30),
+            || {
+                if self.thread.is_finished() {
+                    return Err(mqlb_tests::lab::GiveUp("the pump stopped early".into()).into());
+                }
+                Ok((self.rounds[p].load(Ordering::SeqCst) >= n).then_some(()))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
+    fn finish(self) -> (Vec<Conn>, [u64; PHASES]) {
+        self.stop.store(true, Ordering::SeqCst);
+        let conns = match self.thread.join() {
+            Ok(Ok(conns)) => conns,
+            Ok(Err(e)) => panic!("a connection broke while the daemon changed: {e}"),
+            Err(_) => panic!("the pump thread panicked"),
+        };
+        let rounds = std::array::from_fn(|i| self.rounds[i].load(Ordering::SeqCst));
+        (conns, rounds)
+    }
+}
+
+/// A hitless upgrade and a `kill -9` of the daemon, with 100 connections
+/// exchanging messages the whole time. The upgrade is what `systemctl
+/// restart` does with a new binary: SIGTERM, then `mqlb up` again on the same
+/// interface, socket and state; the new daemon loads its program into the
+/// pinned link (a new program id) and reopens the pinned maps (the same map
+/// ids, conntrack included). While no daemon runs, the attached program
+/// keeps forwarding. No connection breaks, stalls past the socket timeout or
+/// changes backend, and new connections still land where the ring says.
+fn flows_survive_upgrade_and_kill9(mode: XdpMode) {
     let mut lab = start_lab(mode);
     amqp_service(&mut lab, &["b1", "b2", "b3"]);
-    let mut conns = open_conns(&lab, 100);
+    let conns = open_conns(&lab, 100);
     assert_predicted(&lab, &conns);
-    exchange_all(&mut conns, "before");
+    let prog_before = lab.lb_prog_id().expect("program id");
+    let ct_map = lab
+        .pinned_map_id(lb_common::names::CT4)
+        .expect("conntrack map id");
     let ct_before = lab
         .maps()
         .expect("maps")
         .counter(Counter::CtHit)
         .expect("STATS");
 
-    lab.kill9_and_restart_daemon()
-        .unwrap_or_else(|e| panic!("restart after kill -9: {e:#}\n{}", lab.diagnostics()));
-    exchange_all(&mut conns, "after-restart");
+    let fail = |lab: &Lab, what: &str, e: anyhow::Error| -> ! {
+        panic!("{what}: {e:#}\n{}", lab.diagnostics())
+    };
+    let pump = Pump::start(conns);
+    pump.enter(0, 2, "before any change");
+
+    // Upgrade, first half: the old daemon exits; nothing runs but the program.
+    pump.phase.store(1, Ordering::SeqCst);
+    lab.stop_daemon()
+        .unwrap_or_else(|e| fail(&lab, "stop the daemon", e));
+    pump.wait_rounds(1, 2, "with no daemon running (upgrade)");
+    // Second half: the new daemon replaces the program in the pinned link
+    // while the messages flow.
+    lab.start_daemon()
+        .unwrap_or_else(|e| fail(&lab, "start the new daemon", e));
+    pump.enter(2, 2, "after the upgrade");
+    let prog_after = lab.lb_prog_id().expect("program id");
+    assert_ne!(
+        prog_after, prog_before,
+        "the new daemon loaded its own program into the link"
+    );
+    assert_eq!(
+        lab.pinned_map_id(lb_common::names::CT4).expect("map id"),
+        ct_map,
+        "the upgrade kept the pinned conntrack map"
+    );
+
+    // kill -9: no chance to clean up; the program keeps forwarding.
+    pump.phase.store(3, Ordering::SeqCst);
+    lab.kill9_daemon()
+        .unwrap_or_else(|e| fail(&lab, "kill -9 the daemon", e));
+    pump.wait_rounds(3, 2, "with the daemon killed");
+    lab.start_daemon()
+        .unwrap_or_else(|e| fail(&lab, "restart after kill -9", e));
+    pump.enter(4, 2, "after the restart");
+    let (mut conns, rounds) = pump.finish();
+    eprintln!("full rounds per phase (before, stopped, upgraded, killed, restarted): {rounds:?}");
 
     // The saved state came back: same service, same three backends, same ring.
     let listed = lab
@@ -538,9 +678,11 @@ fn flows_survive_daemon_kill9(mode: XdpMode) {
         .expect("maps")
         .counter(Counter::CtHit)
         .expect("STATS");
+    let asked: u64 = rounds.iter().sum::<u64>() * conns.len() as u64;
     assert!(
-        ct_after >= ct_before + conns.len() as u64,
-        "established flows kept hitting the pinned conntrack ({ct_before} -> {ct_after})"
+        ct_after >= ct_before + asked,
+        "established flows kept hitting the pinned conntrack ({ct_before} -> {ct_after}, \
+         {asked} messages)"
     );
     let fresh = open_conns(&lab, 30);
     assert_predicted(&lab, &fresh);

@@ -16,7 +16,7 @@ use lb_common::{
     hash::{flow_hash_v4, ring_slot},
     maglev::{self, MaglevBackend},
     ring_base, v4_mapped, Backend, Counter, CtEntry, DropReason, Flow4, HashMode, ServiceKey,
-    ServiceValue, Traffic, PROTO_TCP, PROTO_UDP,
+    ServiceValue, Traffic, PROTO_TCP, PROTO_UDP, RANGES_COUNT, RANGE_PORT,
 };
 use mqlb_tests::{frames::*, privileged::require_root};
 
@@ -129,12 +129,41 @@ impl Lb {
             seed: 0x5eed,
             udp_idle_s,
             hash_mode: mode as u8,
-            _pad: [0; 3],
+            ..Default::default()
         };
         let mut svcs: HashMap<&mut MapData, ServiceKey, ServiceValue> =
             HashMap::try_from(self.ebpf.map_mut("SERVICES").unwrap()).unwrap();
         svcs.insert(service_key(port, proto), value, 0).unwrap();
         value
+    }
+
+    /// A port-range service `lo..=hi` on the VIP (key port `RANGE_PORT`),
+    /// and `RANGES[RANGES_COUNT]` = `count` as the daemon keeps it.
+    #[allow(clippy::too_many_arguments)]
+    fn range_service(
+        &mut self,
+        id: u32,
+        (lo, hi): (u16, u16),
+        proto: u8,
+        mode: HashMode,
+        members: &[(u32, u32)],
+        count: u32,
+    ) -> ServiceValue {
+        let mut value = self.service(id, RANGE_PORT, proto, mode, members, 60);
+        value.port_lo = lo;
+        value.port_hi = hi;
+        let mut svcs: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+            HashMap::try_from(self.ebpf.map_mut("SERVICES").unwrap()).unwrap();
+        svcs.insert(service_key(RANGE_PORT, proto), value, 0)
+            .unwrap();
+        self.set_ranges(count);
+        value
+    }
+
+    fn set_ranges(&mut self, count: u32) {
+        let mut m: Array<&mut MapData, u32> =
+            Array::try_from(self.ebpf.map_mut("RANGES").unwrap()).unwrap();
+        m.set(RANGES_COUNT, count, 0).unwrap();
     }
 
     fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
@@ -488,6 +517,68 @@ fn udp_rtp_and_rtcp_of_a_stream_share_a_backend() {
         seen[1..].iter().all(|&n| n > 0),
         "24 streams use every relay: {seen:?}"
     );
+}
+
+/// A port-range service takes every port of its range (RTP on an even port
+/// and RTCP on the next one land on one relay), an exact-port service on the
+/// same VIP wins over it, ports outside pass untouched, and while the
+/// daemon's range count is 0 the range is not looked up at all.
+#[test]
+fn port_range_service_takes_its_ports_and_exact_port_wins() {
+    if !require_root("port_range_service_takes_its_ports_and_exact_port_wins") {
+        return;
+    }
+    let mut lb = Lb::load();
+    for id in 1..=4 {
+        lb.backend(
+            id,
+            BACKENDS[id as usize - 1],
+            TEST_RUN_IFINDEX,
+            1500,
+            backend_state::ACTIVE,
+        );
+    }
+    let members = vec![(1, 100), (2, 100), (3, 100)];
+    let range = lb.range_service(3, (10000, 10999), PROTO_UDP, HashMode::Rtp, &members, 1);
+    lb.service(4, 10500, PROTO_UDP, HashMode::FiveTuple, &[(4, 100)], 60);
+
+    let mut seen = [0u32; 5];
+    for stream in 0..24u16 {
+        let (sport, dport) = (30000 + 2 * stream, 10000 + 2 * stream);
+        let rtp = udp_frame(CLIENT, sport, dport, b"\x80\x00rtp");
+        let rtcp = udp_frame(CLIENT, sport + 1, dport + 1, b"\x80\xc8rtcp");
+        let want = predict(&range, &members, &flow(CLIENT, sport, dport, PROTO_UDP));
+        assert_eq!(
+            lb.run(&rtp),
+            (XDP_TX, expect_ipip(&rtp, want)),
+            "RTP {stream}"
+        );
+        assert_eq!(
+            lb.run(&rtcp),
+            (XDP_TX, expect_ipip(&rtcp, want)),
+            "RTCP of stream {stream} on its RTP's relay"
+        );
+        seen[want as usize] += 1;
+    }
+    assert!(seen[1..4].iter().all(|&n| n > 0), "every relay: {seen:?}");
+    assert_eq!(seen[4], 0, "backend 4 is not in the range's ring");
+    assert_eq!(lb.traffic("SVC_STATS", 3).packets, 48);
+
+    // The exact port inside the range belongs to its own service.
+    let exact = udp_frame(CLIENT, 40000, 10500, b"exact");
+    assert_eq!(lb.run(&exact), (XDP_TX, expect_ipip(&exact, 4)));
+    // Just outside the range: not a service.
+    for port in [9999, 11000] {
+        let f = udp_frame(CLIENT, 40000, port, b"outside");
+        assert_eq!(lb.run(&f), (XDP_PASS, f.clone()), "port {port}");
+    }
+    // TCP to a port of the UDP range: not a service either.
+    let tcp = tcp_frame(CLIENT, 40000, 10002, SYN, b"");
+    assert_eq!(lb.run(&tcp), (XDP_PASS, tcp.clone()));
+    // With no range service counted, the range entry is never looked up.
+    lb.set_ranges(0);
+    let f = udp_frame(CLIENT, 40002, 10010, b"gated");
+    assert_eq!(lb.run(&f), (XDP_PASS, f.clone()));
 }
 
 #[test]

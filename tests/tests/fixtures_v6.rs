@@ -135,7 +135,7 @@ impl Lb {
             seed: 0x5eed,
             udp_idle_s: 60,
             hash_mode: HashMode::FiveTuple as u8,
-            _pad: [0; 3],
+            ..Default::default()
         };
         let key = ServiceKey {
             addr: vip,

@@ -36,9 +36,11 @@ enum Cmd {
     /// Run every test layer: fmt, clippy, build, host, control plane,
     /// BPF_PROG_TEST_RUN fixtures, end-to-end lab.
     Test,
-    /// Run the namespace lab: client, LB, three backends, traffic, stats.
+    /// Run the namespace lab: three RabbitMQ nodes behind mqlb, AMQP clients
+    /// through the VIP, stats, a broker killed and its failover.
     Demo {
-        /// Arguments for the lab: --connections N, --mode skb|native, --hold.
+        /// Arguments for the lab: --connections N, --mode skb|native, --hold
+        /// (keep it up until Ctrl-C), --echo (TCP echo servers, no RabbitMQ).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

@@ -18,6 +18,12 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     // The RabbitMQ lab (issue 5): real broker nodes, one per namespace.
     ("rabbitmq-server", "rabbitmq-server"),
     ("rabbitmqctl", "rabbitmq-server"),
+    // The media tests (issue 6): real RTP/RTCP senders, GStreamer's rtpbin
+    // (plugins-good: rtpmanager, rtp, udp; plugins-base: audiotestsrc).
+    ("gst-launch-1.0", "gstreamer1.0-tools"),
+    ("gst-inspect-1.0", "gstreamer1.0-tools"),
+    ("pkg:gstreamer1.0-plugins-good", "gstreamer1.0-plugins-good"),
+    ("pkg:gstreamer1.0-plugins-base", "gstreamer1.0-plugins-base"),
 ];
 
 /// bpf-linker's version, and the major its LLVM must share with the toolchain.
@@ -262,8 +268,15 @@ fn llvm_prefix(lib: &Path, llvm: &str) -> Result<(PathBuf, String)> {
 }
 
 /// Whether `cmd` is an executable in PATH or the sbin directories (root's
-/// tools live there and CI's PATH may lack them).
+/// tools live there and CI's PATH may lack them); `pkg:NAME` asks dpkg
+/// whether package NAME is installed (for packages of plugins, not commands).
 fn have_command(cmd: &str) -> bool {
+    if let Some(pkg) = cmd.strip_prefix("pkg:") {
+        return Command::new("dpkg-query")
+            .args(["-W", "-f=${Status}", pkg])
+            .output()
+            .is_ok_and(|o| o.status.success() && o.stdout.ends_with(b"install ok installed"));
+    }
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))

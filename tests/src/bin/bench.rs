@@ -193,6 +193,7 @@ fn run() -> Result<()> {
         let lab = Lab::start(LabConfig {
             backends: 3,
             mode: args.mode,
+            ..LabConfig::default()
         })?;
         let mut plain = PlainLb::create(&lab, "plain-lb", 'n', 3)
             .context("adding the plain LB host to the lab")?;

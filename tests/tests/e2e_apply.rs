@@ -1,0 +1,328 @@
+//! Layer 4: `mqlb apply -f FILE` and `mqlb export` against the daemon in the
+//! namespace lab (`mqlb_tests::lab`). The file's service and backends reach
+//! the live ring and connections through the VIP land where it predicts;
+//! export → apply changes nothing; an edited file prints its diff, changes
+//! the ring and keeps established flows (a deleted backend's flows finish,
+//! as with `backend del`); a broken file exits non-zero naming FILE:LINE and
+//! changes nothing.
+
+use lb_common::{backend_state, PROTO_TCP};
+use mqlb_tests::lab::{wait_for, Lab, LabConfig, XdpMode};
+use mqlb_tests::privileged::require_root;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const AMQP: u16 = 5672;
+/// A small prime ring: quick to read back slot by slot.
+const RING: usize = 1021;
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+const RING_DEADLINE: Duration = Duration::from_secs(10);
+
+/// One client TCP connection through the VIP and the backend that took it.
+struct Conn {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    src: SocketAddrV4,
+    backend: String,
+}
+
+impl Conn {
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("no answer on flow {}: {e}", self.src));
+        assert!(n > 0, "flow {} closed by the far end", self.src);
+        line.trim_end().to_string()
+    }
+
+    /// Sends `msg`; asserts the backend that took the flow echoes it.
+    fn ask(&mut self, msg: &str) {
+        self.stream
+            .write_all(format!("{msg}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("send on {}: {e}", self.src));
+        let line = self.line();
+        assert_eq!(
+            line,
+            format!("{} {msg}", self.backend),
+            "flow {} moved or lost its answer",
+            self.src
+        );
+    }
+}
+
+/// `n` connections to VIP:5672 from the client, each with its greeting read.
+fn open_conns(lab: &Lab, n: usize) -> Vec<Conn> {
+    let vip = SocketAddr::from((lab.vip, AMQP));
+    let streams = lab
+        .client
+        .run(move || {
+            (0..n)
+                .map(|_| TcpStream::connect_timeout(&vip, IO_TIMEOUT))
+                .collect::<std::io::Result<Vec<_>>>()
+        })
+        .expect("client namespace")
+        .unwrap_or_else(|e| panic!("connect to {vip}: {e}\n{}", lab.diagnostics()));
+    streams
+        .into_iter()
+        .map(|stream| {
+            stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            stream.set_nodelay(true).unwrap();
+            let SocketAddr::V4(src) = stream.local_addr().unwrap() else {
+                panic!("not ipv4")
+            };
+            let reader = BufReader::new(stream.try_clone().unwrap());
+            let mut c = Conn {
+                stream,
+                reader,
+                src,
+                backend: String::new(),
+            };
+            let hello = c.line();
+            let parts: Vec<&str> = hello.split(' ').collect();
+            assert!(
+                parts.len() == 4 && parts[0] == "HELLO",
+                "bad greeting {hello:?}"
+            );
+            c.backend = parts[1].to_string();
+            c
+        })
+        .collect()
+}
+
+fn addr(lab: &Lab, name: &str) -> Ipv4Addr {
+    lab.backend_by_name(name).expect("backend exists").addr
+}
+
+/// Waits until the live ring holds exactly `names`; returns slots per backend.
+fn wait_ring(lab: &Lab, names: &[&str]) -> BTreeMap<Ipv4Addr, usize> {
+    let want: BTreeSet<Ipv4Addr> = names.iter().map(|n| addr(lab, n)).collect();
+    wait_for(
+        &format!("the ring to hold {names:?}"),
+        RING_DEADLINE,
+        || {
+            let maps = lab.maps()?;
+            let svc = maps.service_v4(lab.vip, AMQP, PROTO_TCP)?;
+            if maps.ring_members(&svc)? != want {
+                return Ok(None);
+            }
+            let mut slots = BTreeMap::new();
+            for id in maps.ring(&svc)? {
+                let b = maps.backend(id)?;
+                let a = lb_common::v4_unmapped(&b.addr).expect("ipv4 backend");
+                *slots.entry(Ipv4Addr::from(a)).or_insert(0) += 1;
+            }
+            Ok(Some(slots))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()))
+}
+
+/// Asserts every connection is on the backend the live ring predicts.
+fn assert_predicted(lab: &Lab, conns: &[Conn]) {
+    let maps = lab.maps().expect("pinned maps");
+    let svc = maps.service_v4(lab.vip, AMQP, PROTO_TCP).expect("service");
+    let dst = SocketAddrV4::new(lab.vip, AMQP);
+    for c in conns {
+        let a = maps.predict(&svc, c.src, dst, PROTO_TCP).expect("predict");
+        let want = &lab.backend_by_addr(a).expect("predicted backend").name;
+        assert_eq!(
+            &c.backend, want,
+            "flow {} is not where the ring says",
+            c.src
+        );
+    }
+}
+
+/// A backend's share of the ring is its share of the weights, within 3%.
+fn assert_shares(slots: &BTreeMap<Ipv4Addr, usize>, weights: &[(Ipv4Addr, u32)]) {
+    let total: u32 = weights.iter().map(|w| w.1).sum();
+    for &(a, w) in weights {
+        let share = slots.get(&a).copied().unwrap_or(0) as f64 / RING as f64;
+        let want = f64::from(w) / f64::from(total);
+        assert!(
+            (share - want).abs() < 0.03,
+            "{a} has {share:.3} of the ring, its weight says {want:.3}: {slots:?}"
+        );
+    }
+}
+
+/// `mqlb apply ARGS`, expected to fail: its stderr.
+fn apply_fails(lab: &Lab, args: &[&str]) -> String {
+    let out = Command::new(lab.mqlb_path())
+        .arg("--socket")
+        .arg(lab.socket())
+        .arg("apply")
+        .args(args)
+        .output()
+        .expect("run mqlb");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "apply {args:?} succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+fn write(path: &Path, text: &str) -> String {
+    std::fs::write(path, text).expect("write the file");
+    path.to_str().expect("utf-8 path").to_string()
+}
+
+fn apply_file_export_and_edit(mode: XdpMode) {
+    let mut lab = Lab::start(LabConfig {
+        mode,
+        ..LabConfig::default()
+    })
+    .unwrap_or_else(|e| panic!("the lab did not start: {e:#}"));
+    lab.serve_tcp(AMQP).expect("backend TCP servers");
+    let (b1, b2, b3) = (addr(&lab, "b1"), addr(&lab, "b2"), addr(&lab, "b3"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mqlb.toml");
+    let vip = lab.vip;
+    let text = format!(
+        "seed = 11\n\
+         \n\
+         [[service]]\n\
+         name = \"amqp\"\n\
+         vip = \"{vip}:{AMQP}\"\n\
+         proto = \"tcp\"\n\
+         ring_size = {RING}\n\
+         backends = [\n\
+         \x20   {{ ip = \"{b1}\" }},\n\
+         \x20   {{ ip = \"{b2}\" }},\n\
+         \x20   {{ ip = \"{b3}\", weight = 300 }},\n\
+         ]\n"
+    );
+    let path = write(&file, &text);
+
+    // The file's service and backends, in one step.
+    let out = lab
+        .mqlb(&["apply", "-f", &path])
+        .unwrap_or_else(|e| panic!("apply: {e:#}\n{}", lab.diagnostics()));
+    assert_eq!(
+        out,
+        format!(
+            "~ seed 0 -> 11\n\
+             + service amqp {vip}:{AMQP}/tcp\n\
+             + backend amqp {b1} weight 100\n\
+             + backend amqp {b2} weight 100\n\
+             + backend amqp {b3} weight 300\n\
+             applied 5 changes\n"
+        )
+    );
+    let slots = wait_ring(&lab, &["b1", "b2", "b3"]);
+    assert_shares(&slots, &[(b1, 100), (b2, 100), (b3, 300)]);
+    let maps = lab.maps().expect("pinned maps");
+    let svc = maps.service_v4(vip, AMQP, PROTO_TCP).expect("service");
+    assert_eq!((svc.seed, svc.ring_size), (11, RING as u32));
+    let mut conns = open_conns(&lab, 60);
+    assert_predicted(&lab, &conns);
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.ask(&format!("one {i}"));
+    }
+
+    // export → apply: nothing to do.
+    let exported = lab.mqlb(&["export"]).expect("export");
+    assert!(exported.contains("seed = 11\n"), "{exported}");
+    assert!(
+        exported.contains(&format!("{{ ip = \"{b3}\", weight = 300 }}")),
+        "{exported}"
+    );
+    let export_path = write(&dir.path().join("export.toml"), &exported);
+    let out = lab
+        .mqlb(&["apply", "-f", &export_path])
+        .expect("apply export");
+    assert_eq!(out, "no changes\n");
+
+    // A dry run shows the diff and changes nothing.
+    let edited = text
+        .replace(&format!("    {{ ip = \"{b1}\" }},\n"), "")
+        .replace(
+            &format!("{{ ip = \"{b2}\" }}"),
+            &format!("{{ ip = \"{b2}\", weight = 200 }}"),
+        );
+    let path = write(&file, &edited);
+    let diff = format!(
+        "- backend amqp {b1}\n\
+         ~ backend amqp {b2} weight 100 -> 200\n"
+    );
+    let out = lab
+        .mqlb(&["apply", "-f", &path, "--dry-run"])
+        .expect("dry run");
+    assert_eq!(out, format!("{diff}dry run: 2 changes, nothing applied\n"));
+    assert_eq!(lab.mqlb(&["export"]).expect("export"), exported);
+
+    // The edit itself: b1 leaves the ring, b2 gets more of it.
+    let out = lab.mqlb(&["apply", "-f", &path]).expect("apply the edit");
+    assert_eq!(out, format!("{diff}applied 2 changes\n"));
+    let slots = wait_ring(&lab, &["b2", "b3"]);
+    assert_shares(&slots, &[(b2, 200), (b3, 300)]);
+    let maps = lab.maps().expect("pinned maps");
+    let id = maps
+        .backend_id(b1)
+        .expect("BACKENDS")
+        .expect("b1's entry is held");
+    assert_eq!(
+        maps.backend(id).expect("BACKENDS").state,
+        backend_state::REMOVED,
+        "deleted like `backend del`: held for its established flows"
+    );
+    // Every established flow stays where it was, b1's included.
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.ask(&format!("two {i}"));
+    }
+    let fresh = open_conns(&lab, 20);
+    assert_predicted(&lab, &fresh);
+    assert!(fresh.iter().all(|c| c.backend != "b1"), "no new flow on b1");
+
+    // A broken file: exit 1, FILE:LINE and the field, nothing changed.
+    let before = lab.mqlb(&["export"]).expect("export");
+    let broken = edited.replace("weight = 200", "weight = 0");
+    let line = broken
+        .lines()
+        .position(|l| l.contains("weight = 0"))
+        .expect("the bad line")
+        + 1;
+    let bad_path = write(&dir.path().join("bad.toml"), &broken);
+    let stderr = apply_fails(&lab, &["-f", &bad_path]);
+    assert!(
+        stderr.starts_with(&format!(
+            "error: {bad_path}:{line}: field weight (service amqp, backend {b2}): \
+             weight 0 is out of range (1-65535)"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    let typo = edited.replace("proto = ", "protocol = ");
+    let bad_path = write(&dir.path().join("typo.toml"), &typo);
+    let stderr = apply_fails(&lab, &["-f", &bad_path]);
+    assert!(
+        stderr.starts_with(&format!(
+            "error: {bad_path}:6: field protocol (service amqp): unknown field `protocol`"
+        )),
+        "{stderr}"
+    );
+    let stderr = apply_fails(
+        &lab,
+        &["-f", &write(&dir.path().join("empty.toml"), "seed = 1\n")],
+    );
+    assert!(stderr.contains("has no services"), "{stderr}");
+    assert_eq!(lab.mqlb(&["export"]).expect("export"), before);
+    assert_eq!(wait_ring(&lab, &["b2", "b3"]), slots);
+}
+
+#[test]
+fn apply_file_export_and_edit_skb() {
+    if require_root("apply_file_export_and_edit_skb") {
+        apply_file_export_and_edit(XdpMode::Skb);
+    }
+}
