@@ -16,7 +16,8 @@ pub enum DropReason {
     IpOptions = 2,
     /// A packet to a service whose TCP/UDP header is cut short or malformed.
     MalformedL4 = 3,
-    /// A packet to a service whose IPv4 header is inconsistent (ihl, total length).
+    /// A packet to a service whose IP header is inconsistent (IPv4 ihl or total
+    /// length, IPv6 payload length).
     MalformedIp = 4,
     /// Too big to encapsulate and DF clear: cannot send fragmentation-needed.
     TooBigNoDf = 5,
@@ -26,11 +27,23 @@ pub enum DropReason {
     BackendMissing = 7,
     /// The kernel FIB has no usable route to the backend (blackhole, unreachable).
     NoRoute = 8,
+    /// An IPv6 first fragment addressed to a service (as `Fragment` for IPv4).
+    Ipv6Fragment = 9,
+    /// An IPv6 packet to a service with an extension header mqlb does not
+    /// forward: a routing header with segments left (the VIP is not its
+    /// final destination).
+    Ipv6ExtHeader = 10,
+    /// Too big to encapsulate for an IPv6 client, and the backend's MTU leaves
+    /// less than IPv6's minimum 1280 bytes: packet-too-big cannot help (RFC 8201).
+    MtuBelowIpv6Min = 11,
+    /// An ICMP error quoting a service flow, too big to encapsulate to that
+    /// flow's backend (an ICMP error is never answered with ICMP).
+    IcmpErrorTooBig = 12,
 }
 
 impl DropReason {
     /// Number of variants; the `DROPS` map has this many entries.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 13;
     /// Every variant, in index order.
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         DropReason::NoBackend,
@@ -42,6 +55,10 @@ impl DropReason {
         DropReason::AdjustFailed,
         DropReason::BackendMissing,
         DropReason::NoRoute,
+        DropReason::Ipv6Fragment,
+        DropReason::Ipv6ExtHeader,
+        DropReason::MtuBelowIpv6Min,
+        DropReason::IcmpErrorTooBig,
     ];
 
     /// Stable snake_case name used by `mqlb stats` and the metrics label.
@@ -56,6 +73,10 @@ impl DropReason {
             DropReason::AdjustFailed => "adjust_failed",
             DropReason::BackendMissing => "backend_missing",
             DropReason::NoRoute => "no_route",
+            DropReason::Ipv6Fragment => "ipv6_fragment",
+            DropReason::Ipv6ExtHeader => "ipv6_ext_header",
+            DropReason::MtuBelowIpv6Min => "mtu_below_ipv6_min",
+            DropReason::IcmpErrorTooBig => "icmp_error_too_big",
         }
     }
 
@@ -87,7 +108,7 @@ pub enum Counter {
     CtHit = 5,
     /// A packet to a service chose its backend from the Maglev table.
     CtMiss = 6,
-    /// ICMP fragmentation-needed sent back to a client.
+    /// ICMP fragmentation-needed or ICMPv6 packet-too-big sent back to a client.
     IcmpTooBig = 7,
     /// The backend's cached next hop was missing: `bpf_fib_lookup` used.
     FibLookup = 8,
@@ -95,11 +116,14 @@ pub enum Counter {
     NexthopPass = 9,
     /// Decap program: IPIP stripped and passed to the stack.
     Decap = 10,
+    /// An ICMP or ICMPv6 error quoting a service flow (a router's too-big, an
+    /// unreachable), forwarded to the backend that owns the flow.
+    IcmpForward = 11,
 }
 
 impl Counter {
     /// Number of variants; the `STATS` map has this many entries.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
     /// Every variant, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Rx,
@@ -113,6 +137,7 @@ impl Counter {
         Counter::FibLookup,
         Counter::NexthopPass,
         Counter::Decap,
+        Counter::IcmpForward,
     ];
 
     /// Stable snake_case name used by `mqlb stats` and the metrics.
@@ -129,6 +154,7 @@ impl Counter {
             Counter::FibLookup => "fib_lookup",
             Counter::NexthopPass => "nexthop_pass",
             Counter::Decap => "decap",
+            Counter::IcmpForward => "icmp_forward",
         }
     }
 }

@@ -4,7 +4,7 @@
 //! constants), applied to a fixed number of 32-bit words so the eBPF
 //! compiler unrolls it into straight-line code with no helper calls.
 
-use crate::maps::{HashMode, PROTO_UDP};
+use crate::maps::{Flow4, Flow6, HashMode, PROTO_UDP};
 
 const C1: u32 = 0xcc9e_2d51;
 const C2: u32 = 0x1b87_3593;
@@ -103,6 +103,43 @@ pub const fn flow_hash_v6(
     finish(h, 40)
 }
 
+/// The outer IPv6 flow label (20 bits, RFC 6438) of a flow whose conntrack
+/// key, read as native 64-bit words, XORs to `key_xor`: one finalizer round,
+/// cheap enough for every packet, the same for every packet of the flow.
+#[inline(always)]
+pub const fn flow_label(key_xor: u64) -> u32 {
+    finish((key_xor ^ (key_xor >> 32)) as u32, 0) & 0xf_ffff
+}
+
+/// XOR of the native 64-bit words of a key (8-byte multiple).
+fn key_xor(b: &[u8]) -> u64 {
+    b.chunks_exact(8)
+        .map(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .fold(0, |a, w| a ^ w)
+}
+
+/// [`flow_label`] of an IPv4 flow (4-in-6 to an IPv6 backend).
+pub fn flow_label_v4(f: &Flow4) -> u32 {
+    let mut b = [0u8; 16];
+    b[0..4].copy_from_slice(&f.src);
+    b[4..8].copy_from_slice(&f.dst);
+    b[8..10].copy_from_slice(&f.sport_be.to_ne_bytes());
+    b[10..12].copy_from_slice(&f.dport_be.to_ne_bytes());
+    b[12] = f.proto;
+    flow_label(key_xor(&b))
+}
+
+/// [`flow_label`] of an IPv6 flow.
+pub fn flow_label_v6(f: &Flow6) -> u32 {
+    let mut b = [0u8; 40];
+    b[0..16].copy_from_slice(&f.src);
+    b[16..32].copy_from_slice(&f.dst);
+    b[32..34].copy_from_slice(&f.sport_be.to_ne_bytes());
+    b[34..36].copy_from_slice(&f.dport_be.to_ne_bytes());
+    b[36] = f.proto;
+    flow_label(key_xor(&b))
+}
+
 /// Slot of `hash` in a ring of `ring_size` slots (`ring_size` > 0).
 #[inline(always)]
 pub const fn ring_slot(hash: u32, ring_size: u32) -> u32 {
@@ -194,6 +231,32 @@ mod tests {
         assert_eq!(a, b);
         let c = flow_hash_v4(2, HashMode::SrcIp, [1, 2, 3, 4], [5, 6, 7, 8], 1, 2, 6);
         assert_ne!(a, c);
+    }
+
+    #[test]
+    fn flow_labels_are_20_bits_and_differ_per_flow() {
+        let f = |sport: u16| Flow6 {
+            src: [0x20, 1, 0xd, 0xb8, 0, 0xc, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10],
+            dst: [0x20, 1, 0xd, 0xb8, 0, 0xf, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            sport_be: sport.to_be(),
+            dport_be: 5672u16.to_be(),
+            proto: 6,
+            _pad: [0; 3],
+        };
+        let labels: std::collections::BTreeSet<u32> =
+            (40000..40100).map(|p| flow_label_v6(&f(p))).collect();
+        assert!(labels.iter().all(|&l| l < 1 << 20));
+        assert!(labels.len() > 95, "100 flows, {} labels", labels.len());
+        assert_eq!(flow_label_v6(&f(40000)), flow_label_v6(&f(40000)));
+        let g = Flow4 {
+            src: [192, 0, 2, 10],
+            dst: [10, 99, 0, 1],
+            sport_be: 40000u16.to_be(),
+            dport_be: 5672u16.to_be(),
+            proto: 6,
+            _pad: [0; 3],
+        };
+        assert!(flow_label_v4(&g) < 1 << 20);
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_IPIP: u8 = 4;
 pub const PROTO_ICMP: u8 = 1;
+/// IPv6 encapsulated in IPv4 or IPv6 (the outer header's protocol / next header).
+pub const PROTO_IPV6: u8 = 41;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// IPv4 address as an IPv4-mapped IPv6 address, the form every map stores.
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
@@ -165,6 +168,20 @@ pub const fn backend_keeps_flows(state: u8) -> bool {
 pub mod backend_flags {
     /// `ifindex`, MACs and `mtu` hold a resolved next hop.
     pub const NEXTHOP: u8 = 1;
+    /// `addr` and `outer_src` are IPv6 addresses: packets to this backend
+    /// are encapsulated in IPv6 (6-in-6, or 4-in-6 for an IPv4 service).
+    /// Without it both are IPv4-mapped and the outer header is IPv4.
+    pub const IPV6: u8 = 2;
+
+    /// The family bit of a backend address as maps store it: [`IPV6`]
+    /// unless it is IPv4-mapped. The daemon sets it with the address.
+    pub fn family(addr: &[u8; 16]) -> u8 {
+        if crate::maps::v4_unmapped(addr).is_some() {
+            0
+        } else {
+            IPV6
+        }
+    }
 }
 
 /// Value of `BACKENDS`: where to send, and how, resolved by the daemon.
@@ -179,7 +196,7 @@ pub struct Backend {
     pub ifindex: u32,
     /// Egress MTU: encapsulated packets larger than this get ICMP too-big.
     pub mtu: u16,
-    /// `backend_flags` bits.
+    /// `backend_flags` bits: `IPV6` always matches `addr`, `NEXTHOP` when resolved.
     pub flags: u8,
     /// `backend_state` value.
     pub state: u8,
@@ -291,6 +308,13 @@ mod tests {
         let m = v4_mapped([10, 0, 0, 1]);
         assert_eq!(v4_unmapped(&m), Some([10, 0, 0, 1]));
         assert_eq!(v4_unmapped(&[0u8; 16]), None);
+    }
+
+    #[test]
+    fn backend_family_follows_the_address() {
+        assert_eq!(backend_flags::family(&v4_mapped([10, 0, 0, 1])), 0);
+        let v6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        assert_eq!(backend_flags::family(&v6), backend_flags::IPV6);
     }
 
     #[test]

@@ -1,7 +1,10 @@
-//! `mqlb-decap`: runs on backend hosts. Strips the outer IPv4 header of IPIP
-//! packets addressed to one of this host's addresses (`DECAP_ADDRS`) and
+//! `mqlb-decap`: runs on backend hosts. Strips the outer IPv4 or IPv6 header
+//! of tunnelled packets (IPv4 or IPv6 inside: 4-in-4, 6-in-4, 4-in-6,
+//! 6-in-6) addressed to one of this host's addresses (`DECAP_ADDRS`) and
 //! passes the inner packet, addressed to the VIP on `lo`, to the stack.
-//! Kernels without the ipip module need it; everything else passes untouched.
+//! Kernels without the ipip/ip6_tunnel modules need it; everything else
+//! (an outer header with options or extension headers, a fragment, another
+//! address) passes untouched.
 #![no_std]
 #![no_main]
 // `asm!` on the BPF target (aya-ebpf enables the same feature): see `ptr.rs`.
@@ -17,12 +20,15 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    packet::{ETH_LEN, ETH_P_IPV4, IPV4_LEN, IPV4_MF, IPV4_OFFSET_MASK},
-    Counter, PROTO_IPIP,
+    packet::{
+        tunnel_inner_ethertype, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, IPV4_LEN, IPV4_MF,
+        IPV4_OFFSET_MASK, IPV6_LEN,
+    },
+    Counter,
 };
 use ptr::Bytes;
 
-/// Local address (IPv4-mapped) → 1; outer destinations we decapsulate; written by `mqlb decap`.
+/// Local address (IPv4-mapped for IPv4) → 1; outer destinations we decapsulate; written by `mqlb decap`.
 #[map]
 static DECAP_ADDRS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(256, 0);
 /// `Counter` → packets, per CPU (`Rx`, `Decap`, `Pass`).
@@ -32,6 +38,8 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0
 /// Ethernet, the outer IPv4 header (no options) and the first byte of the
 /// inner one: what is read before deciding, under one bounds check.
 const HDRS_LEN: usize = ETH_LEN + IPV4_LEN + 1;
+/// The same with an outer IPv6 header.
+const HDRS6_LEN: usize = ETH_LEN + IPV6_LEN + 1;
 
 #[xdp]
 pub fn mqlb_decap(ctx: XdpContext) -> u32 {
@@ -69,6 +77,18 @@ impl MappedV4 {
     }
 }
 
+/// An IPv6 address key, as its two memory-order words in an 8-byte aligned slot.
+#[repr(C, align(8))]
+struct Addr16([u64; 2]);
+
+impl Addr16 {
+    #[inline(always)]
+    fn get(&self) -> &[u8; 16] {
+        // SAFETY: same size, stricter alignment, any bytes are a valid `[u8; 16]`.
+        unsafe { &*(self as *const Self as *const [u8; 16]) }
+    }
+}
+
 /// Returns whether the packet was decapsulated.
 #[inline(always)]
 fn try_decap(ctx: &XdpContext) -> bool {
@@ -77,27 +97,71 @@ fn try_decap(ctx: &XdpContext) -> bool {
         return false;
     };
     if h.u16::<12>() != ETH_P_IPV4.to_be() {
+        if h.u16::<12>() == ETH_P_IPV6.to_be() {
+            return try_decap6(ctx);
+        }
         return false;
     }
     let frag = u16::from_be(h.u16::<{ ETH_LEN + 6 }>());
-    if h.u8::<{ ETH_LEN + 9 }>() != PROTO_IPIP
-        || h.u8::<ETH_LEN>() != 0x45
-        || frag & (IPV4_MF | IPV4_OFFSET_MASK) != 0
-    {
+    let Some(inner_type) = tunnel_inner_ethertype(h.u8::<{ ETH_LEN + 9 }>()) else {
+        return false;
+    };
+    if h.u8::<ETH_LEN>() != 0x45 || frag & (IPV4_MF | IPV4_OFFSET_MASK) != 0 {
         return false;
     }
     let key = MappedV4::new(h.u32::<{ ETH_LEN + 16 }>().to_ne_bytes());
     if unsafe { DECAP_ADDRS.get(key.get()) }.is_none() {
         return false;
     }
-    // The inner header must be IPv4 before we commit. The Ethernet
-    // addresses are read here, after the lookup: read before, they would be
-    // spilled to the stack across the call.
-    if h.u8::<{ ETH_LEN + IPV4_LEN }>() >> 4 != 4 {
+    // The inner header must be what the outer one says before we commit.
+    // The Ethernet addresses are read here, after the lookup: read before,
+    // they would be spilled to the stack across the call.
+    if h.u8::<{ ETH_LEN + IPV4_LEN }>() >> 4 != ip_version(inner_type) {
         return false;
     }
-    let (addrs_lo, addrs_hi) = (h.u64::<0>(), h.u32::<8>());
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, IPV4_LEN as i32) } != 0 {
+    strip::<IPV4_LEN>(ctx, h.u64::<0>(), h.u32::<8>(), inner_type)
+}
+
+/// The IP version an EtherType carries.
+#[inline(always)]
+fn ip_version(ethertype: u16) -> u8 {
+    if ethertype == ETH_P_IPV6 {
+        6
+    } else {
+        4
+    }
+}
+
+/// An outer IPv6 header with the tunnel right behind it (no extension
+/// headers: mqlb never sends any).
+#[inline(never)]
+fn try_decap6(ctx: &XdpContext) -> bool {
+    let Some(h) = Bytes::<HDRS6_LEN>::at(ctx, 0) else {
+        return false;
+    };
+    let Some(inner_type) = tunnel_inner_ethertype(h.u8::<{ ETH_LEN + 6 }>()) else {
+        return false;
+    };
+    let key = Addr16([h.u64::<{ ETH_LEN + 24 }>(), h.u64::<{ ETH_LEN + 32 }>()]);
+    if unsafe { DECAP_ADDRS.get(key.get()) }.is_none() {
+        return false;
+    }
+    if h.u8::<{ ETH_LEN + IPV6_LEN }>() >> 4 != ip_version(inner_type) {
+        return false;
+    }
+    strip::<IPV6_LEN>(ctx, h.u64::<0>(), h.u32::<8>(), inner_type)
+}
+
+/// Removes the `OUTER` bytes after the Ethernet header and rewrites the
+/// Ethernet header (same addresses, the inner packet's EtherType).
+#[inline(always)]
+fn strip<const OUTER: usize>(
+    ctx: &XdpContext,
+    addrs_lo: u64,
+    addrs_hi: u32,
+    inner_type: u16,
+) -> bool {
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, OUTER as i32) } != 0 {
         return false;
     }
     let Some(eth) = Bytes::<ETH_LEN>::at(ctx, 0) else {
@@ -105,7 +169,7 @@ fn try_decap(ctx: &XdpContext) -> bool {
     };
     eth.set_u64::<0>(addrs_lo);
     eth.set_u32::<8>(addrs_hi);
-    eth.set_u16::<12>(ETH_P_IPV4.to_be());
+    eth.set_u16::<12>(inner_type.to_be());
     true
 }
 

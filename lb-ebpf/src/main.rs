@@ -1,6 +1,15 @@
-//! `mqlb`: the XDP load balancer. Parses IPv4 TCP/UDP, finds the service,
-//! pins the flow to a backend (conntrack, else Maglev), wraps it in IPIP and
-//! sends it out. Every decision is a call into `lb-common`.
+//! `mqlb`: the XDP load balancer. Parses IPv4 and IPv6 TCP/UDP, finds the
+//! service, pins the flow to a backend (conntrack, else Maglev), wraps it in
+//! IPIP (4-in-4, 6-in-6, 4-in-6 or 6-in-4, by the families of the client and
+//! the backend) and sends it out. ICMP errors that quote a service flow go
+//! to that flow's backend. Every decision is a call into `lb-common`.
+//!
+//! The IPv4 path is this file, straight-line and inlined; IPv6 (`v6.rs`),
+//! quoted-flow ICMP (`icmp.rs`) and every encapsulation other than IPv4 to
+//! a cached IPv4 next hop (`forward_slow`) are BPF subprograms off it. The
+//! deepest chain of calls, `mqlb` → `service6`/`icmp6` → `forward_slow`,
+//! must fit the verifier's 512 bytes of stack for all frames together
+//! (448 now, frames rounded to 16 bytes).
 //!
 //! Cost matters here (see `cargo run --release -p mqlb-tests --example
 //! prog_cost`): packet fields are read and written as whole words through
@@ -12,7 +21,9 @@
 // `asm!` on the BPF target (aya-ebpf enables the same feature): see `ptr.rs`.
 #![feature(asm_experimental_arch)]
 
+mod icmp;
 mod ptr;
+mod v6;
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
@@ -25,15 +36,16 @@ use aya_ebpf::{
 };
 use lb_common::{
     backend_flags, backend_keeps_flows, ct_is_live,
-    hash::{flow_hash_v4, ring_slot, tcp_syn_rehashes},
+    hash::{flow_hash_v4, flow_hash_v6, flow_label, ring_slot, tcp_syn_rehashes},
     packet::{
-        icmp4_frag_needed_hdr, icmp4_frag_needed_ip, ipip_client_mtu, ipip_fits,
-        ipip_outer_v4_words, ETH_LEN, ETH_P_IPV4, ICMP4_QUOTE_LEN, ICMP4_TOO_BIG_LEN, ICMP_HDR_LEN,
-        IPV4_DF, IPV4_LEN, IPV4_MF, IPV4_OFFSET_MASK,
+        encap_client_mtu, encap_fits, icmp4_frag_needed_hdr, icmp4_frag_needed_ip, ip4_outer_words,
+        ipip_client_mtu, ipip_fits, ipip_outer_v4_words, ipv6_head_words, outer_len, ETH_LEN,
+        ETH_P_IPV4, ETH_P_IPV6, ICMP4_QUOTE_LEN, ICMP4_TOO_BIG_LEN, ICMP_HDR_LEN, IPV4_DF,
+        IPV4_LEN, IPV4_MF, IPV4_OFFSET_MASK, IPV6_LEN, OUTER_TTL,
     },
-    Backend, Counter, CtEntry, DropReason, Flow4, HashMode, ServiceKey, ServiceValue, Traffic,
-    CT_DEFAULT_ENTRIES, CT_REFRESH_NS, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
-    RANGES_COUNT, RANGE_PORT, RING_MAX,
+    Backend, Counter, CtEntry, DropReason, Flow4, Flow6, HashMode, ServiceKey, ServiceValue,
+    Traffic, CT_DEFAULT_ENTRIES, CT_REFRESH_NS, MAX_BACKENDS, MAX_SERVICES, PROTO_ICMP, PROTO_IPIP,
+    PROTO_TCP, PROTO_UDP, RANGES_COUNT, RANGE_PORT, RING_MAX,
 };
 use ptr::Bytes;
 
@@ -52,6 +64,9 @@ static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// IPv4 flow → `CtEntry`; written here; sized by the daemon at load.
 #[map]
 static CT4: LruHashMap<Flow4, CtEntry> = LruHashMap::with_max_entries(CT_DEFAULT_ENTRIES, 0);
+/// IPv6 flow → `CtEntry`; written here; sized by the daemon at load.
+#[map]
+static CT6: LruHashMap<Flow6, CtEntry> = LruHashMap::with_max_entries(CT_DEFAULT_ENTRIES, 0);
 /// `Counter` → packets, per CPU.
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -77,25 +92,20 @@ const IP_PROTO: usize = ETH_LEN + 9;
 const IP_SRC: usize = ETH_LEN + 12;
 const IP_DST: usize = ETH_LEN + 16;
 const L4: usize = ETH_LEN + IPV4_LEN;
-const TCP_FLAGS: usize = L4 + 13;
+/// Offset of the flags byte in a TCP header.
+const TCP_FLAGS_OFF: usize = 13;
+const TCP_FLAGS: usize = L4 + TCP_FLAGS_OFF;
 const UDP_HDR_LEN: usize = 8;
 
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 #[xdp]
 pub fn mqlb(ctx: XdpContext) -> u32 {
     count(Counter::Rx);
-    let action = match try_mqlb(&ctx) {
-        Ok(action) => action,
-        Err(reason) => {
-            if let Some(n) = DROPS.get_ptr_mut(reason as u32) {
-                unsafe { *n += 1 };
-            }
-            xdp_action::XDP_DROP
-        }
-    };
+    let action = action_of(try_mqlb(&ctx));
     count(match action {
         xdp_action::XDP_TX => Counter::Tx,
         xdp_action::XDP_REDIRECT => Counter::Redirect,
@@ -103,6 +113,25 @@ pub fn mqlb(ctx: XdpContext) -> u32 {
         _ => Counter::Pass,
     });
     action
+}
+
+/// The XDP action of a result: a drop reason is counted, and the packet dropped.
+///
+/// Subprograms (`v6.rs`, `icmp.rs`, `forward_slow`) return their action
+/// through this rather than a `Result`: a BPF function returns one register,
+/// and a `Result` would come back through the caller's stack, which the IPv4
+/// hot path would then share.
+#[inline(always)]
+fn action_of(r: Result<u32, DropReason>) -> u32 {
+    match r {
+        Ok(action) => action,
+        Err(reason) => {
+            if let Some(n) = DROPS.get_ptr_mut(reason as u32) {
+                unsafe { *n += 1 };
+            }
+            xdp_action::XDP_DROP
+        }
+    }
 }
 
 #[inline(always)]
@@ -123,21 +152,45 @@ fn count_traffic(map: &PerCpuArray<Traffic>, id: u32, bytes: u16, new_flow: bool
     }
 }
 
-/// The `ServiceKey` of an IPv4 VIP, built as the words of its layout
-/// (`::ffff:a.b.c.d`, port, protocol): three stores into an 8-byte aligned
-/// stack slot. Built field by field, the compiler writes it a byte at a time
-/// and zeroes the prefix with a `memset` call.
+/// A `ServiceKey` built as the words of its layout (address, port,
+/// protocol): three stores into an 8-byte aligned stack slot. Built field by
+/// field, the compiler writes it a byte at a time and zeroes the prefix with
+/// a `memset` call.
 #[repr(C, align(8))]
-struct ServiceKeyV4([u64; 3]);
+struct SvcKey([u64; 3]);
 
-impl ServiceKeyV4 {
+impl SvcKey {
+    /// An IPv4 VIP, stored IPv4-mapped (`::ffff:a.b.c.d`).
     #[inline(always)]
-    fn new(dst: [u8; 4], port_be: u16, proto: u8) -> Self {
+    fn v4(dst: [u8; 4], port_be: u16, proto: u8) -> Self {
         let [d0, d1, d2, d3] = dst;
         let [p0, p1] = port_be.to_ne_bytes();
-        ServiceKeyV4([
+        SvcKey([
             0,
             u64::from_ne_bytes([0, 0, 0xff, 0xff, d0, d1, d2, d3]),
+            u64::from_ne_bytes([p0, p1, proto, 0, 0, 0, 0, 0]),
+        ])
+    }
+
+    /// An IPv6 VIP from its two memory-order words.
+    #[inline(always)]
+    fn v6(dst: [u64; 2], port_be: u16, proto: u8) -> Self {
+        let [p0, p1] = port_be.to_ne_bytes();
+        SvcKey([
+            dst[0],
+            dst[1],
+            u64::from_ne_bytes([p0, p1, proto, 0, 0, 0, 0, 0]),
+        ])
+    }
+
+    /// The key of the same VIP's port-range service (`RANGE_PORT`).
+    #[inline(always)]
+    fn range(&self) -> Self {
+        let [_, _, proto, ..] = self.0[2].to_ne_bytes();
+        let [p0, p1] = RANGE_PORT.to_ne_bytes();
+        SvcKey([
+            self.0[0],
+            self.0[1],
             u64::from_ne_bytes([p0, p1, proto, 0, 0, 0, 0, 0]),
         ])
     }
@@ -145,7 +198,7 @@ impl ServiceKeyV4 {
     #[inline(always)]
     fn get(&self) -> &ServiceKey {
         const {
-            assert!(core::mem::size_of::<ServiceKey>() <= core::mem::size_of::<ServiceKeyV4>());
+            assert!(core::mem::size_of::<ServiceKey>() <= core::mem::size_of::<SvcKey>());
             assert!(core::mem::offset_of!(ServiceKey, port_be) == 16);
             assert!(core::mem::offset_of!(ServiceKey, proto) == 18);
         }
@@ -177,8 +230,107 @@ impl FlowKey {
             assert!(core::mem::offset_of!(Flow4, dport_be) == 10);
             assert!(core::mem::offset_of!(Flow4, proto) == 12);
         }
-        // SAFETY: as for `ServiceKeyV4::get`.
+        // SAFETY: as for `SvcKey::get`.
         unsafe { &*(self as *const Self as *const Flow4) }
+    }
+
+    /// The outer IPv6 flow label of this flow (4-in-6).
+    #[inline(always)]
+    fn label(&self) -> u32 {
+        flow_label(self.0[0] ^ self.0[1])
+    }
+}
+
+/// A `Flow6` as the five words of its layout: source and destination
+/// (adjacent on the wire: four loads), ports and protocol.
+#[repr(C, align(8))]
+struct FlowKey6([u64; 5]);
+
+impl FlowKey6 {
+    #[inline(always)]
+    fn new(addrs: [u64; 4], ports: u32, proto: u8) -> Self {
+        let [a, b, c, d] = ports.to_ne_bytes();
+        FlowKey6([
+            addrs[0],
+            addrs[1],
+            addrs[2],
+            addrs[3],
+            u64::from_ne_bytes([a, b, c, d, proto, 0, 0, 0]),
+        ])
+    }
+
+    #[inline(always)]
+    fn get(&self) -> &Flow6 {
+        const {
+            assert!(core::mem::size_of::<Flow6>() == core::mem::size_of::<FlowKey6>());
+            assert!(core::mem::offset_of!(Flow6, dst) == 16);
+            assert!(core::mem::offset_of!(Flow6, sport_be) == 32);
+            assert!(core::mem::offset_of!(Flow6, proto) == 36);
+        }
+        // SAFETY: as for `SvcKey::get`.
+        unsafe { &*(self as *const Self as *const Flow6) }
+    }
+
+    /// The outer IPv6 flow label of this flow (6-in-6).
+    #[inline(always)]
+    fn label(&self) -> u32 {
+        let w = &self.0;
+        flow_label(w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4])
+    }
+}
+
+/// What conntrack and the ring need of a flow key, per address family.
+trait CtKey: Sized + 'static {
+    /// The conntrack map of this family.
+    fn ct() -> &'static LruHashMap<Self, CtEntry>;
+    fn proto(&self) -> u8;
+    /// The flow's hash for `svc`'s Maglev ring (what userspace predicts with).
+    fn hash(&self, svc: &ServiceValue) -> u32;
+}
+
+impl CtKey for Flow4 {
+    #[inline(always)]
+    fn ct() -> &'static LruHashMap<Self, CtEntry> {
+        &CT4
+    }
+    #[inline(always)]
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+    #[inline(always)]
+    fn hash(&self, svc: &ServiceValue) -> u32 {
+        flow_hash_v4(
+            svc.seed,
+            HashMode::from_u8(svc.hash_mode),
+            self.src,
+            self.dst,
+            u16::from_be(self.sport_be),
+            u16::from_be(self.dport_be),
+            self.proto,
+        )
+    }
+}
+
+impl CtKey for Flow6 {
+    #[inline(always)]
+    fn ct() -> &'static LruHashMap<Self, CtEntry> {
+        &CT6
+    }
+    #[inline(always)]
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+    #[inline(always)]
+    fn hash(&self, svc: &ServiceValue) -> u32 {
+        flow_hash_v6(
+            svc.seed,
+            HashMode::from_u8(svc.hash_mode),
+            &self.src,
+            &self.dst,
+            u16::from_be(self.sport_be),
+            u16::from_be(self.dport_be),
+            self.proto,
+        )
     }
 }
 
@@ -215,10 +367,16 @@ fn try_mqlb(ctx: &XdpContext) -> Result<u32, DropReason> {
         return Ok(xdp_action::XDP_PASS);
     };
     if h.u16::<ETHERTYPE>() != ETH_P_IPV4.to_be() {
+        if h.u16::<ETHERTYPE>() == ETH_P_IPV6.to_be() {
+            return Ok(v6::mqlb6(ctx));
+        }
         return Ok(xdp_action::XDP_PASS);
     }
     let proto = h.u8::<IP_PROTO>();
     if proto != PROTO_TCP && proto != PROTO_UDP {
+        if proto == PROTO_ICMP {
+            return Ok(icmp::icmp4(ctx));
+        }
         return Ok(xdp_action::XDP_PASS);
     }
     let ihl = ((h.u8::<IP_VIHL>() & 0x0f) as usize) * 4;
@@ -240,7 +398,7 @@ fn try_mqlb(ctx: &XdpContext) -> Result<u32, DropReason> {
     };
     let [_, _, d0, d1] = ports.to_ne_bytes();
     let dport_be = u16::from_ne_bytes([d0, d1]);
-    let Some(svc) = service(h.u32::<IP_DST>().to_ne_bytes(), dport_be, proto) else {
+    let Some(svc) = service(SvcKey::v4(h.u32::<IP_DST>().to_ne_bytes(), dport_be, proto)) else {
         return Ok(xdp_action::XDP_PASS);
     };
     let total_len = u16::from_be(h.u16::<IP_TOT_LEN>());
@@ -279,44 +437,45 @@ fn try_mqlb(ctx: &XdpContext) -> Result<u32, DropReason> {
         total_len,
         syn,
     };
-    let backend = pick_backend(svc, flow.get(), &pkt)?;
-    forward(ctx, &pkt, backend)
+    let backend = pick_backend(svc, flow.get(), pkt.total_len, pkt.syn)?;
+    forward(ctx, &pkt, backend, &flow)
 }
 
 /// The service of a destination: its exact port first, then the VIP's port
 /// range (only while some range service exists).
 #[inline(always)]
-fn service(dst: [u8; 4], dport_be: u16, proto: u8) -> Option<&'static ServiceValue> {
-    let key = ServiceKeyV4::new(dst, dport_be, proto);
+pub(crate) fn service(key: SvcKey) -> Option<&'static ServiceValue> {
     if let Some(svc) = unsafe { SERVICES.get(key.get()) } {
         return Some(svc);
     }
     if RANGES.get(RANGES_COUNT).is_none_or(|n| *n == 0) {
         return None;
     }
-    let key = ServiceKeyV4::new(dst, RANGE_PORT, proto);
-    let svc = unsafe { SERVICES.get(key.get()) }?;
-    lb_common::range_takes(svc, u16::from_be(dport_be)).then_some(svc)
+    let port = u16::from_be(key.get().port_be);
+    let svc = unsafe { SERVICES.get(key.range().get()) }?;
+    lb_common::range_takes(svc, port).then_some(svc)
 }
 
-/// Conntrack first (unless a SYN starts the flow over), else the Maglev ring.
+/// Conntrack first (unless a SYN starts the flow over), else the Maglev ring
+/// (and a new conntrack entry). `len`: IP bytes, for the traffic counters.
 #[inline(always)]
-fn pick_backend(
+fn pick_backend<F: CtKey>(
     svc: &ServiceValue,
-    f: &Flow4,
-    pkt: &Packet,
+    f: &F,
+    len: u16,
+    syn: bool,
 ) -> Result<&'static Backend, DropReason> {
-    let udp = f.proto == PROTO_UDP;
+    let udp = f.proto() == PROTO_UDP;
     // The clock costs a helper call; only UDP entries age.
     let now = if udp {
         unsafe { bpf_ktime_get_ns() }
     } else {
         0
     };
-    if !pkt.syn {
-        if let Some(ct) = CT4.get_ptr_mut(f) {
+    if !syn {
+        if let Some(ct) = F::ct().get_ptr_mut(f) {
             let ct = unsafe { &mut *ct };
-            if ct_is_live(f.proto, ct.seen_ns, now, svc.udp_idle_s) {
+            if ct_is_live(f.proto(), ct.seen_ns, now, svc.udp_idle_s) {
                 if udp && now.wrapping_sub(ct.seen_ns) > CT_REFRESH_NS {
                     ct.seen_ns = now;
                 }
@@ -327,31 +486,14 @@ fn pick_backend(
                 // client gets a reset at once instead of waiting on a dead peer.
                 if backend_keeps_flows(backend.state) {
                     count(Counter::CtHit);
-                    count_traffic(&BE_STATS, id, pkt.total_len, false);
+                    count_traffic(&BE_STATS, id, len, false);
                     return Ok(backend);
                 }
             }
         }
     }
     count(Counter::CtMiss);
-    if svc.ring_size == 0 {
-        return Err(DropReason::NoBackend);
-    }
-    let hash = flow_hash_v4(
-        svc.seed,
-        HashMode::from_u8(svc.hash_mode),
-        f.src,
-        f.dst,
-        u16::from_be(f.sport_be),
-        u16::from_be(f.dport_be),
-        f.proto,
-    );
-    let slot = svc.ring_base.wrapping_add(ring_slot(hash, svc.ring_size));
-    let id = match RINGS.get(slot) {
-        Some(&id) if id != 0 => id,
-        _ => return Err(DropReason::NoBackend),
-    };
-    let backend = backend(id)?;
+    let (id, backend) = ring_backend(svc, f)?;
     let entry = CtEntry {
         backend: id,
         _pad: 0,
@@ -359,11 +501,59 @@ fn pick_backend(
     };
     // An LRU insert cannot fail for lack of room; a failure here only costs
     // the next packet a second ring lookup, which picks the same backend.
-    let _ = CT4.insert(f, &entry, 0);
-    count_traffic(&BE_STATS, id, pkt.total_len, true);
+    let _ = F::ct().insert(f, &entry, 0);
+    count_traffic(&BE_STATS, id, len, true);
     if let Some(t) = SVC_STATS.get_ptr_mut(svc.id) {
         unsafe { (*t).new_flows += 1 };
     }
+    Ok(backend)
+}
+
+/// The backend the Maglev ring of `svc` gives `f`, and its id.
+#[inline(always)]
+fn ring_backend<F: CtKey>(
+    svc: &ServiceValue,
+    f: &F,
+) -> Result<(u32, &'static Backend), DropReason> {
+    if svc.ring_size == 0 {
+        return Err(DropReason::NoBackend);
+    }
+    let hash = f.hash(svc);
+    let slot = svc.ring_base.wrapping_add(ring_slot(hash, svc.ring_size));
+    let id = match RINGS.get(slot) {
+        Some(&id) if id != 0 => id,
+        _ => return Err(DropReason::NoBackend),
+    };
+    Ok((id, backend(id)?))
+}
+
+/// The backend that owns flow `f` of `svc`, for a packet about the flow
+/// rather than of it (an ICMP error quoting it): conntrack, else the ring,
+/// and neither creates nor refreshes a conntrack entry. Counts the packet
+/// to the backend, not as a new flow.
+#[inline(always)]
+fn flow_owner<F: CtKey>(
+    svc: &ServiceValue,
+    f: &F,
+    len: u16,
+) -> Result<&'static Backend, DropReason> {
+    if let Some(ct) = unsafe { F::ct().get(f) } {
+        let now = if f.proto() == PROTO_UDP {
+            unsafe { bpf_ktime_get_ns() }
+        } else {
+            0
+        };
+        if ct_is_live(f.proto(), ct.seen_ns, now, svc.udp_idle_s) {
+            let id = ct.backend;
+            let backend = backend(id)?;
+            if backend_keeps_flows(backend.state) {
+                count_traffic(&BE_STATS, id, len, false);
+                return Ok(backend);
+            }
+        }
+    }
+    let (id, backend) = ring_backend(svc, f)?;
+    count_traffic(&BE_STATS, id, len, false);
     Ok(backend)
 }
 
@@ -382,10 +572,29 @@ fn addr4(a: &[u8; 16]) -> [u8; 4] {
     [a[12], a[13], a[14], a[15]]
 }
 
+/// IPv4 to a backend with a cached IPv4 next hop, inline: the hot path.
+/// Anything else (an IPv6 backend, no cached next hop) is `forward_slow`.
 #[inline(always)]
-fn forward(ctx: &XdpContext, pkt: &Packet, be: &Backend) -> Result<u32, DropReason> {
-    if be.flags & backend_flags::NEXTHOP == 0 {
-        return forward_by_fib(ctx, pkt.hdr, be);
+fn forward(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    be: &Backend,
+    flow: &FlowKey,
+) -> Result<u32, DropReason> {
+    if be.flags & (backend_flags::NEXTHOP | backend_flags::IPV6) != backend_flags::NEXTHOP {
+        let h = pkt.hdr;
+        let how = if dont_fragment(h) {
+            TooBig::Icmp4
+        } else {
+            TooBig::Icmp4NoDf
+        };
+        let inner = Inner {
+            len: pkt.total_len,
+            tos: h.u8::<IP_TOS>(),
+            proto: PROTO_IPIP,
+            label: flow.label(),
+        };
+        return verdict(ctx, forward_slow(ctx, &inner, be), how);
     }
     if !ipip_fits(pkt.total_len, be.mtu) {
         return too_big(ctx, dont_fragment(pkt.hdr), ipip_client_mtu(be.mtu));
@@ -484,21 +693,95 @@ fn write_outer(out: Bytes<HDRS_LEN>, src: [u8; 4], dst: [u8; 4], macs: EthAddrs)
     out.set_u32::<{ ETH_LEN + 16 }>(ip[4]);
 }
 
-/// The kernel's FIB for a backend whose next hop the daemon has not cached.
+/// What the encapsulation needs to know of the packet it wraps, read
+/// before the frame is resized.
+#[derive(Clone, Copy)]
+struct Inner {
+    /// Bytes of the IP packet, header included.
+    len: u16,
+    /// IPv4 TOS or IPv6 traffic class, copied to the outer header.
+    tos: u8,
+    /// The outer protocol / next header: `PROTO_IPIP` (IPv4 inside) or `PROTO_IPV6`.
+    proto: u8,
+    /// The outer IPv6 flow label.
+    label: u32,
+}
+
+/// What `forward_slow` did: an XDP action (on its way, handed to the
+/// kernel, or dropped with its reason counted), or `SENT_TOO_BIG | mtu`: too
+/// big for the path to the backend, and the caller answers with the MTU left
+/// for the client. Answering there, not in `forward_slow`, keeps the chain of
+/// BPF calls, and so the stack, short. (A plain `u32`: see `action_of`.)
+type Sent = u32;
+const SENT_TOO_BIG: Sent = 1 << 16;
+
+/// How a packet too big for the tunnel is answered.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TooBig {
+    /// IPv4 with DF: ICMP fragmentation-needed.
+    Icmp4,
+    /// IPv4 without DF: the client would ignore ICMP; dropped.
+    Icmp4NoDf,
+    /// IPv6: ICMPv6 packet-too-big.
+    Icmp6,
+    /// An ICMP error being forwarded: never answered with ICMP; dropped.
+    Never,
+}
+
+/// The verdict for what `forward_slow` returned: too big is answered as `how` says.
+#[inline(always)]
+fn verdict(ctx: &XdpContext, sent: Sent, how: TooBig) -> Result<u32, DropReason> {
+    if sent & SENT_TOO_BIG != 0 {
+        return answer_too_big(ctx, how, sent as u16);
+    }
+    Ok(sent)
+}
+
+/// Every encapsulation but IPv4 to a cached IPv4 next hop: to an IPv6
+/// backend (4-in-6, 6-in-6) or an IPv4 one (6-in-4, quoted ICMP), through the
+/// cached next hop, else the kernel's FIB (`bpf_fib_lookup`).
 #[inline(never)]
-fn forward_by_fib(ctx: &XdpContext, h: Bytes<HDRS_LEN>, be: &Backend) -> Result<u32, DropReason> {
+fn forward_slow(ctx: &XdpContext, inner: &Inner, be: &Backend) -> Sent {
+    action_of(try_forward_slow(ctx, inner, be))
+}
+
+#[inline(always)]
+fn try_forward_slow(ctx: &XdpContext, inner: &Inner, be: &Backend) -> Result<Sent, DropReason> {
+    let v6 = be.flags & backend_flags::IPV6 != 0;
+    let hdr = outer_len(v6);
+    if be.flags & backend_flags::NEXTHOP != 0 {
+        if !encap_fits(inner.len, be.mtu, hdr) {
+            return Ok(SENT_TOO_BIG | encap_client_mtu(be.mtu, hdr) as u32);
+        }
+        encap(ctx, inner, be, v6, EthAddrs::of_backend(be))?;
+        return Ok(send(ctx, be.ifindex));
+    }
     count(Counter::FibLookup);
-    let (src, dst) = (addr4(&be.outer_src), addr4(&be.addr));
-    let total_len = u16::from_be(h.u16::<IP_TOT_LEN>());
-    let dont_fragment = dont_fragment(h);
     let mut p: FibParams = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = lb_common::PROTO_IPIP;
+    p.l4_protocol = inner.proto;
     p.ifindex = ctx.ingress_ifindex() as u32;
-    p.__bindgen_anon_1.tot_len = total_len.wrapping_add(IPV4_LEN as u16);
-    p.__bindgen_anon_2.tos = h.u8::<IP_TOS>();
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    p.__bindgen_anon_1.tot_len = inner.len.wrapping_add(hdr);
+    if v6 {
+        p.family = AF_INET6;
+        p.__bindgen_anon_2.flowinfo = (inner.label | (inner.tos as u32) << 20).to_be();
+        p.__bindgen_anon_3.ipv6_src = [
+            value_word::<_, u32, 16>(be),
+            value_word::<_, u32, 20>(be),
+            value_word::<_, u32, 24>(be),
+            value_word::<_, u32, 28>(be),
+        ];
+        p.__bindgen_anon_4.ipv6_dst = [
+            value_word::<_, u32, 0>(be),
+            value_word::<_, u32, 4>(be),
+            value_word::<_, u32, 8>(be),
+            value_word::<_, u32, 12>(be),
+        ];
+    } else {
+        p.family = AF_INET;
+        p.__bindgen_anon_2.tos = inner.tos;
+        p.__bindgen_anon_3.ipv4_src = value_word::<_, u32, OUTER_SRC4>(be);
+        p.__bindgen_anon_4.ipv4_dst = value_word::<_, u32, ADDR4>(be);
+    }
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut _,
@@ -509,23 +792,87 @@ fn forward_by_fib(ctx: &XdpContext, h: Bytes<HDRS_LEN>, be: &Backend) -> Result<
     };
     match rc as u32 {
         aya_ebpf::bindings::BPF_FIB_LKUP_RET_SUCCESS => {
-            let out = grow_for_ipip(ctx)?;
-            write_outer(out, src, dst, EthAddrs::new(&p.dmac, &p.smac));
+            encap(ctx, inner, be, v6, EthAddrs::new(&p.dmac, &p.smac))?;
             Ok(send(ctx, p.ifindex))
         }
         // The MAC is unknown: hand the encapsulated packet to the kernel,
         // which resolves the neighbour.
         aya_ebpf::bindings::BPF_FIB_LKUP_RET_NO_NEIGH => {
-            let out = grow_for_ipip(ctx)?;
-            write_outer(out, src, dst, EthAddrs(0, 0, 0, 0));
+            encap(ctx, inner, be, v6, EthAddrs(0, 0, 0, 0))?;
             count(Counter::NexthopPass);
             Ok(xdp_action::XDP_PASS)
         }
         aya_ebpf::bindings::BPF_FIB_LKUP_RET_FRAG_NEEDED => {
             let mtu = unsafe { p.__bindgen_anon_1.mtu_result };
-            too_big(ctx, dont_fragment, ipip_client_mtu(mtu))
+            Ok(SENT_TOO_BIG | encap_client_mtu(mtu, hdr) as u32)
         }
         _ => Err(DropReason::NoRoute),
+    }
+}
+
+/// Offsets of the IPv4 address inside the IPv4-mapped `Backend::addr` and
+/// `Backend::outer_src`.
+const ADDR4: usize = 12;
+const OUTER_SRC4: usize = 16 + 12;
+
+/// Grows the frame by the outer header and writes Ethernet and the outer
+/// IPv4 or IPv6 header in front of the inner packet.
+#[inline(always)]
+fn encap(
+    ctx: &XdpContext,
+    inner: &Inner,
+    be: &Backend,
+    v6: bool,
+    macs: EthAddrs,
+) -> Result<(), DropReason> {
+    let hdr = outer_len(v6) as i32;
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -hdr) } != 0 {
+        return Err(DropReason::AdjustFailed);
+    }
+    // Every packet here held at least an Ethernet and an IPv4 header and
+    // 4 bytes of ports, so the grown frame holds Ethernet and an IPv6 header.
+    let Some(out) = Bytes::<{ ETH_LEN + IPV6_LEN }>::at(ctx, 0) else {
+        return Err(DropReason::AdjustFailed);
+    };
+    out.set_u16::<0>(macs.0);
+    out.set_u32::<2>(macs.1);
+    out.set_u32::<6>(macs.2);
+    out.set_u16::<10>(macs.3);
+    if v6 {
+        out.set_u16::<ETHERTYPE>(ETH_P_IPV6.to_be());
+        let [w0, w1] = ipv6_head_words(inner.tos, inner.label, inner.len, inner.proto, OUTER_TTL);
+        out.set_u32::<ETH_LEN>(w0);
+        out.set_u32::<{ ETH_LEN + 4 }>(w1);
+        out.set_u64::<{ ETH_LEN + 8 }>(value_word::<_, u64, 16>(be));
+        out.set_u64::<{ ETH_LEN + 16 }>(value_word::<_, u64, 24>(be));
+        out.set_u64::<{ ETH_LEN + 24 }>(value_word::<_, u64, 0>(be));
+        out.set_u64::<{ ETH_LEN + 32 }>(value_word::<_, u64, 8>(be));
+    } else {
+        out.set_u16::<ETHERTYPE>(ETH_P_IPV4.to_be());
+        let ip = ip4_outer_words(
+            value_word::<_, u32, OUTER_SRC4>(be).to_ne_bytes(),
+            value_word::<_, u32, ADDR4>(be).to_ne_bytes(),
+            inner.len,
+            inner.tos,
+            inner.proto,
+        );
+        out.set_u32::<ETH_LEN>(ip[0]);
+        out.set_u32::<{ ETH_LEN + 4 }>(ip[1]);
+        out.set_u32::<{ ETH_LEN + 8 }>(ip[2]);
+        out.set_u32::<{ ETH_LEN + 12 }>(ip[3]);
+        out.set_u32::<{ ETH_LEN + 16 }>(ip[4]);
+    }
+    Ok(())
+}
+
+/// Answers a packet that does not fit the tunnel, as `how` says.
+#[inline(always)]
+fn answer_too_big(ctx: &XdpContext, how: TooBig, mtu: u16) -> Result<u32, DropReason> {
+    match how {
+        TooBig::Icmp4 => too_big(ctx, true, mtu),
+        TooBig::Icmp4NoDf => Err(DropReason::TooBigNoDf),
+        TooBig::Icmp6 => v6::too_big6(ctx, mtu),
+        TooBig::Never => Err(DropReason::IcmpErrorTooBig),
     }
 }
 

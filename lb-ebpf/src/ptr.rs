@@ -16,7 +16,7 @@
 
 use core::arch::asm;
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::bpf_csum_diff, programs::XdpContext};
 
 /// `N` bytes of packet starting at `p`, all before `data_end`. A window
 /// does not survive a resize of the frame (`bpf_xdp_adjust_head/tail`): the
@@ -78,6 +78,19 @@ impl<const N: usize> Bytes<N> {
             return None;
         }
         Some(Bytes { p })
+    }
+
+    /// The one's-complement sum of the `N` bytes as native-order 32-bit
+    /// words, added to `seed` (`bpf_csum_diff`, which takes at most 512
+    /// bytes). The result may be folded or not; either sums on correctly.
+    #[inline(always)]
+    pub fn csum(self, seed: u32) -> u32 {
+        const { assert!(N % 4 == 0 && N <= 512) };
+        // SAFETY: the helper reads the `N` bytes at `p`, all inside the
+        // packet (checked in `at`), and writes nothing.
+        let r =
+            unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, self.p as *mut u32, N as u32, seed) };
+        r as u32
     }
 
     load!(u8, u8, "u8");

@@ -119,11 +119,12 @@ pub enum LoadError {
         want: u32,
     },
     #[error(
-        "pinned CT4 holds {pinned} entries but --ct-entries asks for {asked}; drop \
+        "pinned {map} holds {pinned} entries but --ct-entries asks for {asked}; drop \
          --ct-entries to keep {pinned}, or run `mqlb down --iface {iface}` first (drops conntrack)"
     )]
     CtEntriesMismatch {
         iface: String,
+        map: String,
         pinned: u32,
         asked: u32,
     },
@@ -329,8 +330,14 @@ fn pinned_layout(path: &Path) -> Result<Option<Layout>, LoadError> {
     }))
 }
 
-/// Decides the conntrack size and checks every pinned map against the object.
-/// `ct_entries: None` keeps a pinned CT4's size (default for a new one).
+/// Whether `name` is a conntrack map (`CT4`, `CT6`): sized by `--ct-entries`,
+/// per address family.
+fn is_conntrack(name: &str) -> bool {
+    name == names::CT4 || name == names::CT6
+}
+
+/// Decides the conntrack sizes and checks every pinned map against the object.
+/// `ct_entries: None` keeps a pinned conntrack map's size (default for a new one).
 fn check_pinned(
     pins: &Pins,
     maps_dir: &Path,
@@ -340,11 +347,12 @@ fn check_pinned(
     for (name, want) in maps.iter_mut() {
         let path = maps_dir.join(&*name);
         let found = pinned_layout(&path)?;
-        if name == names::CT4 {
+        if is_conntrack(name) {
             match (found, ct_entries) {
                 (Some(f), Some(asked)) if f.max_entries != asked => {
                     return Err(LoadError::CtEntriesMismatch {
                         iface: pins.iface.clone(),
+                        map: name.clone(),
                         pinned: f.max_entries,
                         asked,
                     })
@@ -543,7 +551,7 @@ pub fn load_lb(
     let mut maps = object_maps(object)?;
     if ct_entries.is_none() {
         // Default for a new conntrack map.
-        if let Some((_, l)) = maps.iter_mut().find(|(n, _)| n == names::CT4) {
+        for (_, l) in maps.iter_mut().filter(|(n, _)| is_conntrack(n)) {
             l.max_entries = lb_common::CT_DEFAULT_ENTRIES;
         }
     }
@@ -797,6 +805,7 @@ mod tests {
         for n in [
             names::RINGS,
             names::CT4,
+            names::CT6,
             names::STATS,
             names::DROPS,
             names::SVC_STATS,

@@ -129,7 +129,7 @@ pub fn render(stats: &StatsView, ct: &Conntrack) -> String {
         &mut reg,
         "mqlb_events",
         "Data plane events (conntrack_hit, conntrack_miss, icmp_too_big, fib_lookup, \
-         nexthop_pass, decap)",
+         nexthop_pass, decap, icmp_forward)",
     );
     for c in DpCounter::ALL {
         let v = get(&stats.counters, c.name());
@@ -145,7 +145,8 @@ pub fn render(stats: &StatsView, ct: &Conntrack) -> String {
             | DpCounter::IcmpTooBig
             | DpCounter::FibLookup
             | DpCounter::NexthopPass
-            | DpCounter::Decap => {
+            | DpCounter::Decap
+            | DpCounter::IcmpForward => {
                 events
                     .get_or_create(&vec![("event", c.name().into())])
                     .inc_by(v);

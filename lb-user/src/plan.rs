@@ -221,9 +221,11 @@ pub fn backend_entry(
     hop: Option<&Hop>,
     default_src: Option<IpAddr>,
 ) -> MapBackend {
+    // The data plane picks the outer header's family from this flag alone.
     let mut entry = MapBackend {
         addr: addr16(addr),
         state,
+        flags: backend_flags::family(&addr16(addr)),
         ..MapBackend::default()
     };
     match hop {
@@ -234,7 +236,7 @@ pub fn backend_entry(
             entry.src_mac = h.src_mac;
             if let Some(mac) = h.dst_mac {
                 entry.dst_mac = mac;
-                entry.flags = backend_flags::NEXTHOP;
+                entry.flags |= backend_flags::NEXTHOP;
             }
         }
         None => {
@@ -811,6 +813,27 @@ mod tests {
         assert_eq!(p.backends[0].0, b);
         assert!(p.ring_writes.is_empty() && p.services.is_empty());
         assert!(p.reset_backend_stats.is_empty());
+    }
+
+    #[test]
+    fn ipv6_backend_entries_carry_the_family_flag() {
+        let v6: IpAddr = "2001:db8:1::11".parse().unwrap();
+        let e = backend_entry(v6, backend_state::ACTIVE, None, None);
+        assert_eq!(e.flags, backend_flags::IPV6);
+        assert_eq!(e.addr, addr16(v6));
+        let hop = Hop {
+            ifindex: 4,
+            mtu: 1500,
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: Some([2, 0, 0, 0, 0, 2]),
+            outer_src: "2001:db8:1::1".parse().unwrap(),
+            via: v6,
+        };
+        let e = backend_entry(v6, backend_state::ACTIVE, Some(&hop), None);
+        assert_eq!(e.flags, backend_flags::IPV6 | backend_flags::NEXTHOP);
+        assert_eq!(e.outer_src, addr16("2001:db8:1::1".parse().unwrap()));
+        let v4 = backend_entry("10.0.1.1".parse().unwrap(), 0, None, None);
+        assert_eq!(v4.flags, 0);
     }
 
     #[test]

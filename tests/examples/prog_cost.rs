@@ -29,8 +29,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    backend_flags, backend_state, maglev, ring_base, v4_mapped, Backend, CtEntry, Flow4, HashMode,
-    ServiceKey, ServiceValue, PROTO_TCP, PROTO_UDP,
+    backend_flags, backend_state, maglev, ring_base, v4_mapped, Backend, CtEntry, Flow4, Flow6,
+    HashMode, ServiceKey, ServiceValue, PROTO_TCP, PROTO_UDP,
 };
 use mqlb_tests::frames::*;
 use serde_json::{json, Value};
@@ -76,6 +76,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 fn load(object: &[u8], program: &str) -> Ebpf {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries("CT4", 65536)
+        .map_max_entries("CT6", 65536)
         .load(object)
         .unwrap_or_else(|e| panic!("load the object of {program} (root?): {e}"));
     load_program(&mut ebpf, program);
@@ -229,6 +230,79 @@ fn set_up_lb(lb: &mut Ebpf) {
     }
 }
 
+const VIP6: [u8; 16] = [0x20, 1, 0xd, 0xb8, 0, 0xf, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const CLIENT6: [u8; 16] = [0x20, 1, 0xd, 0xb8, 0, 0xc, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+
+/// mqlb only (not the baseline or a before-object): an IPv6 backend (id 4),
+/// an IPv6 TCP service (id 3) on it, one established flow in CT6.
+fn set_up_v6(lb: &mut Ebpf) {
+    let addr = [0x20, 1, 0xd, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x14];
+    {
+        let mut m: Array<&mut MapData, Backend> =
+            Array::try_from(lb.map_mut("BACKENDS").unwrap()).unwrap();
+        let b = Backend {
+            addr,
+            outer_src: [0x20, 1, 0xd, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            ifindex: 1,
+            mtu: 1500,
+            flags: backend_flags::NEXTHOP | backend_flags::IPV6,
+            state: backend_state::ACTIVE,
+            src_mac: LB_MAC,
+            dst_mac: BACKEND_MACS[3],
+        };
+        m.set(4, b, 0).unwrap();
+    }
+    let table = maglev::build(
+        &[maglev::MaglevBackend {
+            addr,
+            id: 4,
+            weight: 1,
+        }],
+        65537,
+    );
+    {
+        let mut rings: Array<&mut MapData, u32> =
+            Array::try_from(lb.map_mut("RINGS").unwrap()).unwrap();
+        for (i, b) in table.iter().enumerate() {
+            rings.set(ring_base(3, 0) + i as u32, *b, 0).unwrap();
+        }
+    }
+    let mut svcs: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+        HashMap::try_from(lb.map_mut("SERVICES").unwrap()).unwrap();
+    let key = ServiceKey {
+        addr: VIP6,
+        port_be: 5672u16.to_be(),
+        proto: PROTO_TCP,
+        _pad: 0,
+    };
+    let value = ServiceValue {
+        id: 3,
+        ring_base: ring_base(3, 0),
+        ring_size: 65537,
+        seed: 1,
+        udp_idle_s: 3600,
+        hash_mode: HashMode::FiveTuple as u8,
+        _pad: [0; 3],
+    };
+    svcs.insert(key, value, 0).unwrap();
+    let mut ct: HashMap<&mut MapData, Flow6, CtEntry> =
+        HashMap::try_from(lb.map_mut("CT6").unwrap()).unwrap();
+    let f = Flow6 {
+        src: CLIENT6,
+        dst: VIP6,
+        sport_be: 40000u16.to_be(),
+        dport_be: 5672u16.to_be(),
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    };
+    let e = CtEntry {
+        backend: 4,
+        _pad: 0,
+        seen_ns: 0,
+    };
+    ct.insert(f, e, 0).unwrap();
+}
+
 /// One measured path: a program, its frames (used in turn, one per call),
 /// and the verdict it must give.
 struct Path<'a> {
@@ -264,9 +338,12 @@ fn main() {
 
     let mut lb = load(lb_user::programs::LB_OBJECT, lb_user::programs::LB_PROGRAM);
     set_up_lb(&mut lb);
+    set_up_v6(&mut lb);
     let before = std::env::var("PROG_COST_BEFORE").ok().map(|file| {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("CT4", 65536)
+            .map_max_entries("CT6", 65536)
+            .map_max_entries("CT6", 65536)
             .load_file(&file)
             .unwrap_or_else(|e| panic!("load {file}: {e}"));
         load_program(&mut ebpf, lb_user::programs::LB_PROGRAM);
@@ -382,6 +459,25 @@ fn main() {
             });
         }
     }
+    // IPv6, this build only (a before-object may not know IPv6).
+    let ip6 = Ip6::new(CLIENT6, VIP6, PROTO_TCP);
+    let other6 = Ip6::new(
+        CLIENT6,
+        [0x20, 1, 0xd, 0xb8, 0, 0xf, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+        6,
+    );
+    paths.push(Path {
+        name: "IPv6 pass-through (not a service)".into(),
+        prog: lbp,
+        inputs: vec![frame6(&other6, &tcp6(&other6, 40000, 22, ACK, &[0u8; 64]))],
+        action: XDP_PASS,
+    });
+    paths.push(Path {
+        name: "IPv6 established TCP (ct hit, 6-in-6)".into(),
+        prog: lbp,
+        inputs: vec![frame6(&ip6, &tcp6(&ip6, 40000, 5672, ACK, &[0u8; 64]))],
+        action: XDP_TX,
+    });
     paths.push(Path {
         name: "decap (IPIP to a local addr)".into(),
         prog: decapp,

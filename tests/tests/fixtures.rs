@@ -61,6 +61,7 @@ impl Lb {
     fn load() -> Lb {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("CT4", 4096)
+            .map_max_entries("CT6", 4096)
             .load(lb_user::programs::LB_OBJECT)
             .expect("load the mqlb object");
         let prog: &mut Xdp = ebpf
