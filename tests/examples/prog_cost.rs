@@ -282,7 +282,7 @@ fn set_up_v6(lb: &mut Ebpf) {
         seed: 1,
         udp_idle_s: 3600,
         hash_mode: HashMode::FiveTuple as u8,
-        _pad: [0; 3],
+        ..Default::default()
     };
     svcs.insert(key, value, 0).unwrap();
     let mut ct: HashMap<&mut MapData, Flow6, CtEntry> =
