@@ -38,7 +38,7 @@ use crate::{
     loader::{self, Attached, LoadError, Mode},
     manifest::{self, ApplyError, ApplyReply, Change, Desired},
     nexthop::{self, Resolver},
-    plan::{self, addr16, plan, Applied, Hop},
+    plan::{self, addr16, plan, Applied, DefaultSrc, Hop},
     probe::{self, FlowReason, FlowView},
     state::{
         Backend, BackendSpec, BackendState, BackendUpdate, Service, ServiceSpec, ServiceUpdate,
@@ -96,7 +96,7 @@ pub struct Core {
     applied: Applied,
     hops: BTreeMap<IpAddr, Hop>,
     hop_errors: BTreeMap<IpAddr, String>,
-    default_src: Option<IpAddr>,
+    default_src: DefaultSrc,
     /// `default_src` was set once (its first value is logged).
     src_known: bool,
     /// The last apply failed: re-read the maps before planning again.
@@ -163,7 +163,7 @@ impl Core {
             applied,
             hops: BTreeMap::new(),
             hop_errors: BTreeMap::new(),
-            default_src: None,
+            default_src: DefaultSrc::default(),
             src_known: false,
             resync: false,
             status,
@@ -553,7 +553,7 @@ impl Core {
         let svc = self.state.service(name)?.clone();
         let client = probe::parse_client(client)?;
         let IpAddr::V4(vip_ip) = svc.vip.ip() else {
-            return Err(StateError::Ipv6Unsupported.into());
+            return Err(StateError::FlowIpv6Unsupported { service: svc.name }.into());
         };
         let port = port.unwrap_or(svc.vip.lo());
         if !svc.vip.takes(port) {
@@ -652,15 +652,28 @@ impl Core {
     pub fn update_hops(
         &mut self,
         results: BTreeMap<IpAddr, Result<Hop, String>>,
-        default_src: Option<IpAddr>,
+        default_src: DefaultSrc,
     ) -> Result<(), DataplaneError> {
         if default_src != self.default_src || !self.src_known {
-            match default_src {
-                Some(src) => info!(%src, "default outer source address"),
-                None => warn!(
-                    "the interface has no ipv4 address: a backend without a resolved route \
-                     gets no outer source address"
-                ),
+            let first = !self.src_known;
+            if first || default_src.v4 != self.default_src.v4 {
+                match default_src.v4 {
+                    Some(src) => info!(%src, "default ipv4 outer source address"),
+                    None => warn!(
+                        "the interface has no ipv4 address: an ipv4 backend without a resolved \
+                         route gets no outer source address"
+                    ),
+                }
+            }
+            if first || default_src.v6 != self.default_src.v6 {
+                match default_src.v6 {
+                    Some(src) => info!(%src, "default ipv6 outer source address"),
+                    // Most hosts serve IPv4 only: not worth a warning.
+                    None => info!(
+                        "the interface has no global ipv6 address: an ipv6 backend without a \
+                         resolved route gets no outer source address"
+                    ),
+                }
             }
             self.default_src = default_src;
             self.src_known = true;
@@ -851,11 +864,8 @@ impl Shared {
 
 /// The interface's first address of each family, for backends whose route
 /// gives none (the outer source must always be set).
-fn default_src(iface: &str) -> Option<IpAddr> {
-    host::interface_addrs(iface)
-        .ok()?
-        .into_iter()
-        .find(|a| a.is_ipv4())
+fn default_src(iface: &str) -> DefaultSrc {
+    DefaultSrc::from_addrs(&host::interface_addrs(iface).unwrap_or_default())
 }
 
 /// One round: resolve every backend, hand the results to the core, release
@@ -1302,7 +1312,7 @@ mod tests {
         let mut dp = MemDataplane::default();
         dp.backends.insert(
             5,
-            crate::plan::backend_entry("10.0.1.5".parse().unwrap(), 0, None, None),
+            crate::plan::backend_entry("10.0.1.5".parse().unwrap(), 0, None, Default::default()),
         );
         let core = core_in(dir.path(), dp);
         assert_eq!(core.state().removed[0].id, 5);
@@ -1331,14 +1341,18 @@ mod tests {
             outer_src: "10.0.0.1".parse().unwrap(),
             via: addr,
         };
-        core.update_hops([(addr, Ok(hop))].into(), None).unwrap();
+        core.update_hops([(addr, Ok(hop))].into(), DefaultSrc::default())
+            .unwrap();
         let entry = core.applied.backends[&1];
         assert_eq!(entry.flags, lb_common::backend_flags::NEXTHOP);
         assert_eq!(core.vias(), [(2, addr)].into());
         assert!(core.status().unresolved.is_empty());
         core.update_hops(
             [(addr, Err("no route".into()))].into(),
-            Some("10.0.0.9".parse().unwrap()),
+            DefaultSrc {
+                v4: Some("10.0.0.9".parse().unwrap()),
+                v6: Some("fd00::9".parse().unwrap()),
+            },
         )
         .unwrap();
         let entry = core.applied.backends[&1];

@@ -848,7 +848,13 @@ mod tests {
         }
         let mut dp = MemDataplane::default();
         let mut applied = read_applied(&dp, &s).unwrap();
-        let p = plan(&s, &Default::default(), &Default::default(), None, &applied);
+        let p = plan(
+            &s,
+            &Default::default(),
+            &Default::default(),
+            Default::default(),
+            &applied,
+        );
         apply(&mut dp, &p).unwrap();
         applied.record(&p);
         assert_eq!(read_applied(&dp, &s).unwrap(), applied);

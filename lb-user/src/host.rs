@@ -22,6 +22,16 @@
 //!   frame when the backend is reached through another interface than the load
 //!   balancer's (the outer source is then that interface's address); loose (2) and
 //!   off (0) pass. So strict is relaxed to loose on IF only; 0 and 2 are left alone.
+//!
+//! And for IPv6, when the interface has an IPv6 configuration (not booted with IPv6 off):
+//! - `net.ipv6.conf.IF.forwarding = 1`: `bpf_fib_lookup` checks it on the input
+//!   interface and otherwise refuses every IPv6 lookup (the packet is dropped as
+//!   `no_route`). Forwarding turns router advertisement handling off unless `accept_ra`
+//!   is 2, so `accept_ra` 1 (the host took RAs) becomes 2 first; 0 and 2 are left alone.
+//! - `net.ipv6.conf.IF.force_forwarding = 1` where the kernel has it (Linux >= 6.17):
+//!   the stack's own IPv6 forwarding, which the unresolved-neighbour path passes the
+//!   packet to, checks `all.forwarding` or this, never the interface's `forwarding`.
+//!   IPv6 has no martian check on a local source, so no `accept_local` counterpart.
 
 use std::{
     fmt, fs,
@@ -116,6 +126,17 @@ fn ensure_dsr_sysctls_in(root: &Path, iface: &str) -> Result<Vec<Change>, HostEr
     if effective_rp_filter(&rp_all, &rp_if) == Some(1) {
         changes.extend(sys.ensure(&conf_key(iface, "rp_filter"), "2")?);
     }
+    if sys.path(&conf6_key(iface, "")).is_dir() {
+        let accept_ra = conf6_key(iface, "accept_ra");
+        if sys.read(&accept_ra)? == "1" {
+            changes.extend(sys.ensure(&accept_ra, "2")?);
+        }
+        changes.extend(sys.ensure(&conf6_key(iface, "forwarding"), "1")?);
+        let force = conf6_key(iface, "force_forwarding");
+        if sys.path(&force).exists() {
+            changes.extend(sys.ensure(&force, "1")?);
+        }
+    }
     Ok(changes)
 }
 
@@ -205,6 +226,11 @@ fn conf_key(iface: &str, leaf: &str) -> String {
     } else {
         format!("net.ipv4.conf.{iface}.{leaf}")
     }
+}
+
+/// `net.ipv6.conf.IF.LEAF`, written like [`conf_key`].
+fn conf6_key(iface: &str, leaf: &str) -> String {
+    conf_key(iface, leaf).replacen("net.ipv4.", "net.ipv6.", 1)
 }
 
 struct Sysctl<'a> {
@@ -297,6 +323,31 @@ mod tests {
             fake
         }
 
+        /// Adds an IPv6 tree: (name, [forwarding, accept_ra, force_forwarding]);
+        /// an empty value leaves the file out (an older kernel).
+        fn with_v6(self, ifaces: &[(&str, [&str; 3])]) -> FakeProc {
+            for (name, values) in ifaces {
+                let dir = self.0.join("net/ipv6/conf").join(name);
+                fs::create_dir_all(&dir).unwrap();
+                for (leaf, v) in ["forwarding", "accept_ra", "force_forwarding"]
+                    .iter()
+                    .zip(values)
+                {
+                    if !v.is_empty() {
+                        fs::write(dir.join(leaf), format!("{v}\n")).unwrap();
+                    }
+                }
+            }
+            self
+        }
+
+        fn get6(&self, iface: &str, leaf: &str) -> String {
+            fs::read_to_string(self.0.join("net/ipv6/conf").join(iface).join(leaf))
+                .unwrap()
+                .trim()
+                .to_owned()
+        }
+
         fn get(&self, iface: &str, leaf: &str) -> String {
             fs::read_to_string(self.0.join("net/ipv4/conf").join(iface).join(leaf))
                 .unwrap()
@@ -338,6 +389,42 @@ mod tests {
             "only the interface forwards"
         );
         assert_eq!(fake.get("veth0", "accept_local"), "1");
+        assert!(ensure_dsr_sysctls_in(&fake.0, "veth0").unwrap().is_empty());
+    }
+
+    #[test]
+    fn ipv6_forwarding_keeps_router_advertisements() {
+        let v4_done = [
+            ("all", ["0", "0", "0", "0"]),
+            ("veth0", ["1", "1", "0", "0"]),
+        ];
+        // forwarding, accept_ra, force_forwarding ("" = the kernel has none)
+        for (ra, force, want) in [
+            (
+                "1",
+                "0",
+                &[
+                    "net.ipv6.conf.veth0.accept_ra 1 -> 2",
+                    "net.ipv6.conf.veth0.forwarding 0 -> 1",
+                    "net.ipv6.conf.veth0.force_forwarding 0 -> 1",
+                ][..],
+            ),
+            ("0", "", &["net.ipv6.conf.veth0.forwarding 0 -> 1"][..]),
+            ("2", "1", &["net.ipv6.conf.veth0.forwarding 0 -> 1"][..]),
+        ] {
+            let fake = FakeProc::new(&v4_done)
+                .with_v6(&[("all", ["0", "1", ""]), ("veth0", ["0", ra, force])]);
+            let changes = ensure_dsr_sysctls_in(&fake.0, "veth0").unwrap();
+            assert_eq!(keys(&changes), want, "accept_ra {ra}");
+            assert_eq!(
+                fake.get6("all", "forwarding"),
+                "0",
+                "only the interface forwards"
+            );
+            assert!(ensure_dsr_sysctls_in(&fake.0, "veth0").unwrap().is_empty());
+        }
+        // IPv6 off at boot: no tree, nothing to do, no error.
+        let fake = FakeProc::new(&v4_done);
         assert!(ensure_dsr_sysctls_in(&fake.0, "veth0").unwrap().is_empty());
     }
 
@@ -448,6 +535,13 @@ mod tests {
             ] {
                 fs::write(format!("/proc/sys/net/ipv4/conf/{ifc}/{leaf}"), v).unwrap();
             }
+            for (leaf, v) in [
+                ("forwarding", "0"),
+                ("accept_ra", "1"),
+                ("force_forwarding", "0"),
+            ] {
+                fs::write(format!("/proc/sys/net/ipv6/conf/{va}/{leaf}"), v).unwrap();
+            }
             let first = ensure_dsr_sysctls(&va).expect("first");
             let second = ensure_dsr_sysctls(&va).expect("second");
             let all_rp = fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter").unwrap();
@@ -468,6 +562,9 @@ mod tests {
                 format!("net.ipv4.conf.{va}.send_redirects 1 -> 0"),
                 "net.ipv4.conf.all.send_redirects 1 -> 0".to_owned(),
                 format!("net.ipv4.conf.{va}.rp_filter 0 -> 2"),
+                format!("net.ipv6.conf.{va}.accept_ra 1 -> 2"),
+                format!("net.ipv6.conf.{va}.forwarding 0 -> 1"),
+                format!("net.ipv6.conf.{va}.force_forwarding 0 -> 1"),
             ]
         );
         assert!(second.is_empty(), "{second:?}");

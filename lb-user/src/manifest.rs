@@ -855,9 +855,6 @@ fn normalize(d: &Desired, secrets: Secrets) -> Result<Vec<Norm>, ApplyError> {
             ));
         }
         let vip = parse_vip(&e.vip).map_err(at.bad("vip"))?;
-        if vip.ip().is_ipv6() {
-            return Err(at.err("vip", StateError::Ipv6Unsupported, 400));
-        }
         if let Some((other, other_vip)) = vips.insert((vip.claim(), e.proto), (&e.name, vip)) {
             let dup = vip_conflict(vip, e.proto, other, other_vip);
             return Err(at.err("vip", dup, 400));
@@ -883,16 +880,6 @@ fn normalize(d: &Desired, secrets: Secrets) -> Result<Vec<Norm>, ApplyError> {
                 backend: Some((j, &b.ip)),
             };
             let addr = parse_backend_addr(&b.ip).map_err(at.bad("ip"))?;
-            if addr.is_ipv4() != vip.ip().is_ipv4() {
-                let family = |a: IpAddr| if a.is_ipv4() { "ipv4" } else { "ipv6" };
-                let e = StateError::FamilyMismatch {
-                    service: e.name.clone(),
-                    addr,
-                    backend_family: family(addr),
-                    vip_family: family(vip.ip()),
-                };
-                return Err(at.err("ip", e, 400));
-            }
             if !seen.insert(addr) {
                 return Err(at.err(
                     "ip",
@@ -1606,11 +1593,6 @@ weight = 5
             (
                 "[[service]]\nname = \"a\"\nvip = \"10.0.0.1:1\"\nproto = \"tcp\"\nring_size = 100\n",
                 "mqlb.toml:5: field ring_size (service a): ring size 100 must be a prime number from 3 to 65537",
-            ),
-            (
-                "[[service]]\nname = \"a\"\nvip = \"10.0.0.1:1\"\nproto = \"tcp\"\n\
-                 backends = [{ ip = \"fd00::1\" }]\n",
-                "mqlb.toml:5: field ip (service a, backend fd00::1): backend fd00::1 is ipv6",
             ),
             (
                 "[[service]]\nname = \"a\"\nproto = \"tcp\"\n",

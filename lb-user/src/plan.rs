@@ -29,7 +29,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use lb_common::{
@@ -214,12 +214,47 @@ pub fn table(svc: &Service, health: &Health) -> Vec<u32> {
     maglev::build(&backends, svc.ring_size)
 }
 
+/// The outer source of a backend whose route gave none (or is unresolved):
+/// the LB interface's first address of the backend's family, since the
+/// outer header has the backend's family (4-in-6 and 6-in-4 included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DefaultSrc {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl DefaultSrc {
+    /// The first IPv4 and the first IPv6 address of a list (the interface's,
+    /// in the kernel's order); IPv6 link-local addresses do not count, as
+    /// an outer source to an off-link backend they would not route back.
+    pub fn from_addrs(addrs: &[IpAddr]) -> DefaultSrc {
+        DefaultSrc {
+            v4: addrs.iter().find_map(|a| match a {
+                IpAddr::V4(a) => Some(*a),
+                IpAddr::V6(_) => None,
+            }),
+            v6: addrs.iter().find_map(|a| match a {
+                IpAddr::V6(a) if !a.is_unicast_link_local() && !a.is_loopback() => Some(*a),
+                _ => None,
+            }),
+        }
+    }
+
+    /// The source for a backend of `addr`'s family.
+    pub fn for_backend(&self, addr: IpAddr) -> Option<IpAddr> {
+        match addr {
+            IpAddr::V4(_) => self.v4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.v6.map(IpAddr::V6),
+        }
+    }
+}
+
 /// The `BACKENDS` entry for a backend address in a given state.
 pub fn backend_entry(
     addr: IpAddr,
     state: u8,
     hop: Option<&Hop>,
-    default_src: Option<IpAddr>,
+    default_src: DefaultSrc,
 ) -> MapBackend {
     // The data plane picks the outer header's family from this flag alone.
     let mut entry = MapBackend {
@@ -240,7 +275,7 @@ pub fn backend_entry(
             }
         }
         None => {
-            if let Some(src) = default_src {
+            if let Some(src) = default_src.for_backend(addr) {
                 entry.outer_src = addr16(src);
             }
         }
@@ -253,7 +288,7 @@ pub fn desired_backends(
     state: &State,
     health: &Health,
     hops: &BTreeMap<IpAddr, Hop>,
-    default_src: Option<IpAddr>,
+    default_src: DefaultSrc,
 ) -> BTreeMap<u32, MapBackend> {
     let mut out = BTreeMap::new();
     for svc in &state.services {
@@ -284,7 +319,7 @@ pub fn plan(
     state: &State,
     health: &Health,
     hops: &BTreeMap<IpAddr, Hop>,
-    default_src: Option<IpAddr>,
+    default_src: DefaultSrc,
     applied: &Applied,
 ) -> Plan {
     let mut plan = Plan::default();
@@ -478,8 +513,11 @@ mod tests {
         BTreeMap::new()
     }
 
-    fn src() -> Option<IpAddr> {
-        Some("10.0.0.1".parse().unwrap())
+    fn src() -> DefaultSrc {
+        DefaultSrc {
+            v4: Some("10.0.0.1".parse().unwrap()),
+            v6: Some("fd00::1".parse().unwrap()),
+        }
     }
 
     /// Plans and records, as the daemon does after a successful apply.
@@ -818,7 +856,7 @@ mod tests {
     #[test]
     fn ipv6_backend_entries_carry_the_family_flag() {
         let v6: IpAddr = "2001:db8:1::11".parse().unwrap();
-        let e = backend_entry(v6, backend_state::ACTIVE, None, None);
+        let e = backend_entry(v6, backend_state::ACTIVE, None, DefaultSrc::default());
         assert_eq!(e.flags, backend_flags::IPV6);
         assert_eq!(e.addr, addr16(v6));
         let hop = Hop {
@@ -829,11 +867,106 @@ mod tests {
             outer_src: "2001:db8:1::1".parse().unwrap(),
             via: v6,
         };
-        let e = backend_entry(v6, backend_state::ACTIVE, Some(&hop), None);
+        let e = backend_entry(v6, backend_state::ACTIVE, Some(&hop), src());
         assert_eq!(e.flags, backend_flags::IPV6 | backend_flags::NEXTHOP);
         assert_eq!(e.outer_src, addr16("2001:db8:1::1".parse().unwrap()));
-        let v4 = backend_entry("10.0.1.1".parse().unwrap(), 0, None, None);
+        let v4 = backend_entry("10.0.1.1".parse().unwrap(), 0, None, DefaultSrc::default());
         assert_eq!(v4.flags, 0);
+    }
+
+    #[test]
+    fn ipv6_service_with_backends_of_both_families() {
+        let mut s = State::default();
+        for (name, vip, proto) in [
+            ("amqp6", "[fd00:7::100:1]:5672", Proto::Tcp),
+            ("rtp6", "[fd00:7::100:1]:10000-10099", Proto::Udp),
+        ] {
+            s.add_service(&ServiceSpec {
+                name: name.into(),
+                vip: vip.into(),
+                proto,
+                hash: Hash::FiveTuple,
+                udp_idle_s: None,
+                ring_size: Some(RING),
+                health: Default::default(),
+            })
+            .unwrap();
+        }
+        let b6 = s
+            .add_backend(
+                "amqp6",
+                &BackendSpec {
+                    addr: "fd00:7::2".into(),
+                    weight: None,
+                },
+            )
+            .unwrap()
+            .id;
+        let b4 = s
+            .add_backend(
+                "amqp6",
+                &BackendSpec {
+                    addr: "10.0.1.1".into(),
+                    weight: None,
+                },
+            )
+            .unwrap()
+            .id;
+        let p = plan(
+            &s,
+            &Health::default(),
+            &no_hops(),
+            src(),
+            &Applied::default(),
+        );
+        let vip: [u8; 16] = "fd00:7::100:1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        let keys: Vec<&ServiceKey> = p.services.iter().map(|(k, _)| k).collect();
+        // The VIP's raw 16 bytes, never IPv4-mapped; the range key has port 0.
+        assert!(keys.contains(&&ServiceKey {
+            addr: vip,
+            port_be: 5672u16.to_be(),
+            proto: 6,
+            _pad: 0
+        }));
+        let range = ServiceKey {
+            addr: vip,
+            port_be: RANGE_PORT.to_be(),
+            proto: 17,
+            _pad: 0,
+        };
+        let (_, rv) = p.services.iter().find(|(k, _)| *k == range).unwrap();
+        assert_eq!((rv.port_lo, rv.port_hi), (10000, 10099));
+        assert_eq!(p.ranges_after(0), 1);
+        let entries: BTreeMap<u32, MapBackend> = p.backends.iter().copied().collect();
+        // 6-in-6: the IPv6 flag and the interface's IPv6 address as outer source.
+        assert_eq!(entries[&b6].addr, addr16("fd00:7::2".parse().unwrap()));
+        assert_eq!(entries[&b6].flags, backend_flags::IPV6);
+        assert_eq!(entries[&b6].outer_src, addr16("fd00::1".parse().unwrap()));
+        // 6-in-4: an IPv4 backend stays IPv4-mapped with an IPv4 outer source.
+        assert_eq!(entries[&b4].addr, v4_mapped([10, 0, 1, 1]));
+        assert_eq!(entries[&b4].flags, 0);
+        assert_eq!(entries[&b4].outer_src, v4_mapped([10, 0, 0, 1]));
+        let ring: BTreeSet<u32> = p.ring_writes.iter().map(|w| w.backend).collect();
+        assert_eq!(ring, [b4, b6].into());
+    }
+
+    #[test]
+    fn default_source_per_family() {
+        let addrs: Vec<IpAddr> = ["fe80::1", "10.0.0.1", "fd00::5", "10.0.0.2", "fd00::6"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let d = DefaultSrc::from_addrs(&addrs);
+        assert_eq!(d.for_backend("10.9.9.9".parse().unwrap()), Some(addrs[1]));
+        assert_eq!(d.for_backend("fd00::9".parse().unwrap()), Some(addrs[2]));
+        let only_ll = DefaultSrc::from_addrs(&["fe80::1".parse().unwrap()]);
+        assert_eq!(only_ll, DefaultSrc::default());
+        // Without an address of the family the entry has no outer source.
+        let e = backend_entry("fd00::9".parse().unwrap(), 0, None, only_ll);
+        assert_eq!(e.outer_src, [0; 16]);
     }
 
     #[test]

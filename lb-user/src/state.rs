@@ -112,15 +112,9 @@ pub enum StateError {
     BackendExists { service: String, addr: IpAddr },
     #[error("backend {addr} not found in service {service}")]
     BackendNotFound { service: String, addr: IpAddr },
-    #[error("backend {addr} is {backend_family} but service {service} has an {vip_family} vip; ipip needs both in one family")]
-    FamilyMismatch {
-        service: String,
-        addr: IpAddr,
-        backend_family: &'static str,
-        vip_family: &'static str,
-    },
-    #[error("ipv6 services are not supported yet (the data plane forwards ipv4 only)")]
-    Ipv6Unsupported,
+    /// `mqlb flow` builds its probe packet for IPv4 services only.
+    #[error("mqlb flow probes ipv4 services only (service {service} has an ipv6 vip)")]
+    FlowIpv6Unsupported { service: String },
     #[error("service limit reached ({} services)", MAX_SERVICES - 1)]
     TooManyServices,
     #[error("backend limit reached ({} backends in use)", MAX_BACKENDS - 1)]
@@ -726,13 +720,6 @@ pub fn check_ring_size(size: u64) -> Result<u32, StateError> {
     }
 }
 
-fn family(addr: IpAddr) -> &'static str {
-    match addr {
-        IpAddr::V4(_) => "ipv4",
-        IpAddr::V6(_) => "ipv6",
-    }
-}
-
 impl State {
     pub fn service(&self, name: &str) -> Result<&Service, StateError> {
         self.services
@@ -770,9 +757,6 @@ impl State {
     pub fn add_service(&mut self, spec: &ServiceSpec) -> Result<&Service, StateError> {
         check_name(&spec.name)?;
         let vip = parse_vip(&spec.vip)?;
-        if vip.ip().is_ipv6() {
-            return Err(StateError::Ipv6Unsupported);
-        }
         let udp_idle_s = check_udp_idle(spec.udp_idle_s.unwrap_or(DEFAULT_UDP_IDLE_S as u64))?;
         let ring_size = check_ring_size(spec.ring_size.unwrap_or(RING_DEFAULT as u64))?;
         let health = HealthConfig::default().apply(&spec.health)?;
@@ -848,15 +832,8 @@ impl State {
     ) -> Result<Backend, StateError> {
         let addr = parse_backend_addr(&spec.addr)?;
         let weight = check_weight(spec.weight.unwrap_or(DEFAULT_WEIGHT as u64))?;
+        // Families may mix: the data plane does 4-in-4, 6-in-6, 4-in-6 and 6-in-4.
         let svc = self.service(service)?;
-        if family(addr) != family(svc.vip.ip()) {
-            return Err(StateError::FamilyMismatch {
-                service: service.into(),
-                addr,
-                backend_family: family(addr),
-                vip_family: family(svc.vip.ip()),
-            });
-        }
         if svc.backend(addr).is_some() {
             return Err(StateError::BackendExists {
                 service: service.into(),
@@ -1202,10 +1179,6 @@ mod tests {
             .add_service(&spec("a/b", "10.0.0.1:80", Proto::Tcp))
             .unwrap_err();
         assert!(matches!(err, StateError::BadName { .. }));
-        let err = s
-            .add_service(&spec("v6", "[fd00::1]:80", Proto::Tcp))
-            .unwrap_err();
-        assert_eq!(err, StateError::Ipv6Unsupported);
         let mut bad_ring = spec("r", "10.0.0.1:80", Proto::Tcp);
         bad_ring.ring_size = Some(65536);
         assert_eq!(
@@ -1309,6 +1282,39 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_services_take_backends_of_both_families() {
+        let mut s = State::default();
+        let svc = s
+            .add_service(&spec("v6", "[fd00::100:1]:5672", Proto::Tcp))
+            .unwrap()
+            .clone();
+        assert_eq!(svc.vip.ip(), "fd00::100:1".parse::<IpAddr>().unwrap());
+        assert_eq!(svc.vip.to_string(), "[fd00::100:1]:5672");
+        s.add_service(&spec("v6r", "[fd00::100:1]:10000-10099", Proto::Udp))
+            .unwrap();
+        // 6-in-6 and 6-in-4 behind one VIP; 4-in-6 behind an IPv4 VIP.
+        let b6 = s.add_backend("v6", &be("fd00::2")).unwrap();
+        let b4 = s.add_backend("v6", &be("10.0.1.1")).unwrap();
+        assert_ne!(b6.id, b4.id);
+        s.add_service(&spec("v4", "10.0.0.1:5672", Proto::Tcp))
+            .unwrap();
+        s.add_backend("v4", &be("fd00::3")).unwrap();
+        let addrs: Vec<IpAddr> = s
+            .service("v6")
+            .unwrap()
+            .backends
+            .iter()
+            .map(|b| b.addr)
+            .collect();
+        assert_eq!(addrs.len(), 2);
+        assert!(s.backend_addrs().contains(&"fd00::3".parse().unwrap()));
+        let err = s
+            .add_service(&spec("dup", "[fd00::100:1]:5672", Proto::Tcp))
+            .unwrap_err();
+        assert!(matches!(err, StateError::DuplicateVip { .. }), "{err}");
+    }
+
+    #[test]
     fn backend_errors_say_what_is_wrong() {
         let mut s = with_amqp();
         s.add_backend("amqp", &be("10.0.1.1")).unwrap();
@@ -1327,7 +1333,7 @@ mod tests {
             "bad address \"10.0.1\": expected an ipv4 or ipv6 address"
         );
         assert!(msg(s.add_backend("amqp", &be("127.0.0.1")).unwrap_err()).contains("loopback"));
-        assert!(msg(s.add_backend("amqp", &be("fd00::1")).unwrap_err()).contains("one family"));
+        assert!(msg(s.add_backend("amqp", &be("::1")).unwrap_err()).contains("loopback"));
         for w in [0, 65536, u64::MAX] {
             let e = s
                 .add_backend(

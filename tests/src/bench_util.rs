@@ -322,6 +322,7 @@ impl PlainLb {
             ns: format!("{NETNS_PREFIX}{}-{role}", lab.id),
             iface: iface.clone(),
             addr: Ipv4Addr::new(o[0], o[1], o[2], host),
+            addr6: None,
         };
         let ns = Netns::create(&node.ns)?;
         let port = format!("{iface}p");

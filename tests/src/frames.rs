@@ -139,11 +139,24 @@ pub fn ipip_expected(
     backend: [u8; 4],
     inner: &[u8],
 ) -> Vec<u8> {
+    ip4_tunnel(src_mac, dst_mac, outer_src, backend, 4, inner[1], inner)
+}
+
+/// Ethernet + the outer IPv4 header mqlb writes (DF, TTL 64, id 0) + `inner`.
+fn ip4_tunnel(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    outer_src: [u8; 4],
+    backend: [u8; 4],
+    proto: u8,
+    tos: u8,
+    inner: &[u8],
+) -> Vec<u8> {
     let outer = Ip4 {
         src: outer_src,
         dst: backend,
-        proto: 4,
-        tos: inner[1],
+        proto,
+        tos,
         ttl: 64,
         ident: 0,
         frag: 0x4000,
@@ -337,18 +350,6 @@ pub fn ip6_in_ip4_expected(
     backend: [u8; 4],
     inner: &[u8],
 ) -> Vec<u8> {
-    let outer = Ip4 {
-        src: outer_src,
-        dst: backend,
-        proto: 41,
-        tos: (inner[0] << 4) | (inner[1] >> 4),
-        ttl: 64,
-        ident: 0,
-        frag: 0x4000,
-        options: vec![],
-    };
-    let mut f = eth(dst_mac, src_mac, 0x0800);
-    f.extend_from_slice(&outer.header(inner.len()));
-    f.extend_from_slice(inner);
-    f
+    let tc = (inner[0] << 4) | (inner[1] >> 4);
+    ip4_tunnel(src_mac, dst_mac, outer_src, backend, 41, tc, inner)
 }

@@ -9,6 +9,10 @@
 //!  netns mqlab-P-N-l ──┘                       │
 //!  LB 10.X.0.1, `mqlb up --iface mlP-Nl`       (VIP 10.X.100.1)
 //! ```
+//! With [`LabConfig::ipv6`] every node also gets `fd00:X::N/64` (LB ::1,
+//! client ::2, backends ::11..) and the IPv6 VIP `fd00:X:100::1` is on each
+//! backend's lo, routed by the client via the LB's IPv6 address.
+//!
 //! Client → VIP goes to the LB (the client's route), the LB's XDP program
 //! wraps it in IPIP and sends it back out of the same port (XDP_TX) to the
 //! backend, whose `mqlb decap` strips it; the backend answers the client
@@ -27,7 +31,7 @@ use crate::netns::{self, command_line, output, Netns};
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    hash::{flow_hash_v4, ring_slot},
+    hash::{flow_hash_v4, flow_hash_v6, ring_slot},
     v4_mapped, v4_unmapped, Backend, Counter, HashMode, ServiceKey, ServiceValue, LAYOUT_VERSION,
     MAX_BACKENDS,
 };
@@ -35,7 +39,10 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::collections::BTreeSet;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
+    UdpSocket,
+};
 use std::os::fd::AsRawFd as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -100,6 +107,9 @@ pub struct LabConfig {
     /// Port of `mqlb up --metrics 127.0.0.1:PORT` (metrics and the status
     /// page, reachable inside the LB namespace: [`Lab::metrics_url`]); `None`: off.
     pub metrics: Option<u16>,
+    /// Also an IPv6 plane: `fd00:X::N/64` on every node, the IPv6 VIP
+    /// ([`Lab::vip6`]) on the backends' lo and routed by the client via the LB.
+    pub ipv6: bool,
 }
 
 impl Default for LabConfig {
@@ -108,6 +118,7 @@ impl Default for LabConfig {
             backends: 3,
             mode: XdpMode::Skb,
             metrics: None,
+            ipv6: false,
         }
     }
 }
@@ -123,6 +134,16 @@ pub struct Node {
     pub iface: String,
     /// Its address on the segment (/24).
     pub addr: Ipv4Addr,
+    /// Its IPv6 address on the segment (/64), with [`LabConfig::ipv6`].
+    pub addr6: Option<Ipv6Addr>,
+}
+
+impl Node {
+    /// Its IPv6 address; panics in a lab without [`LabConfig::ipv6`].
+    pub fn v6(&self) -> Ipv6Addr {
+        self.addr6
+            .unwrap_or_else(|| panic!("{} has no IPv6 address: start the lab with ipv6", self.name))
+    }
 }
 
 impl Node {
@@ -203,6 +224,8 @@ pub struct Lab {
     pub mode: XdpMode,
     /// The service address the client routes via the LB.
     pub vip: Ipv4Addr,
+    /// The IPv6 service address, with [`LabConfig::ipv6`].
+    pub vip6: Option<Ipv6Addr>,
     pub client: Node,
     pub lb: Node,
     pub backends: Vec<Node>,
@@ -348,11 +371,17 @@ impl Lab {
             ns: format!("{NETNS_PREFIX}{id}-{role}"),
             iface: format!("{ifbase}{role}"),
             addr: Ipv4Addr::new(10, x, 0, host),
+            addr6: cfg
+                .ipv6
+                .then(|| Ipv6Addr::new(0xfd00, x as u16, 0, 0, 0, 0, 0, host as u16)),
         };
         let mut lab = Lab {
             mode: cfg.mode,
             metrics: cfg.metrics,
             vip: Ipv4Addr::new(10, x, 100, 1),
+            vip6: cfg
+                .ipv6
+                .then(|| Ipv6Addr::new(0xfd00, x as u16, 0x100, 0, 0, 0, 0, 1)),
             client: node("client", "c", 2),
             lb: node("lb", "l", 1),
             backends: (1..=cfg.backends)
@@ -423,6 +452,18 @@ impl Lab {
                 "dev",
                 &node.iface,
             ])?;
+            if let Some(a6) = node.addr6 {
+                // nodad: usable at once (no 1-2 s of tentative state).
+                node.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{a6}/64"),
+                    "dev",
+                    &node.iface,
+                    "nodad",
+                ])?;
+            }
             node.ip(&["link", "set", &node.iface, "up"])?;
         }
         self.namespaces.extend(created);
@@ -437,6 +478,16 @@ impl Lab {
             "via",
             &self.lb.addr.to_string(),
         ])?;
+        if let (Some(vip6), Some(lb6)) = (self.vip6, self.lb.addr6) {
+            self.client.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("{vip6}/128"),
+                "via",
+                &lb6.to_string(),
+            ])?;
+        }
         output(
             self.client
                 .command("ethtool")
@@ -448,6 +499,11 @@ impl Lab {
         // announcements for the VIP (it lives on every backend).
         for b in &self.backends {
             b.ip(&["addr", "add", &format!("{}/32", self.vip), "dev", "lo"])?;
+            if let Some(vip6) = self.vip6 {
+                // IPv6 answers neighbour solicitations only for addresses of
+                // the receiving interface: nothing like arp_ignore needed.
+                b.ip(&["-6", "addr", "add", &format!("{vip6}/128"), "dev", "lo"])?;
+            }
             let ns = self.netns(&b.ns);
             for key in [
                 "net.ipv4.conf.all.rp_filter".to_string(),
@@ -711,6 +767,32 @@ impl Lab {
         self.mqlb(&args).map(drop)
     }
 
+    /// `mqlb service add NAME --vip [VIP6]:PORT --proto P [--hash H]`.
+    pub fn add_service6(
+        &self,
+        name: &str,
+        port: u16,
+        proto: &str,
+        hash: Option<&str>,
+    ) -> Result<()> {
+        let vip6 = self
+            .vip6
+            .context("the lab has no IPv6 VIP: start it with ipv6")?;
+        let vip = format!("[{vip6}]:{port}");
+        let mut args = vec!["service", "add", name, "--vip", &vip, "--proto", proto];
+        if let Some(h) = hash {
+            args.extend(["--hash", h]);
+        }
+        self.mqlb(&args).map(drop)
+    }
+
+    /// `mqlb backend add SERVICE IP6` for backend `b` (its IPv6 address).
+    pub fn add_backend6(&self, service: &str, b: &Node) -> Result<()> {
+        let a6 = b.addr6.context("the lab has no IPv6 plane")?;
+        self.mqlb(&["backend", "add", service, &a6.to_string()])
+            .map(drop)
+    }
+
     /// `mqlb backend add SERVICE IP` for backend `b` (its address).
     pub fn add_backend(&self, service: &str, b: &Node) -> Result<()> {
         self.mqlb(&["backend", "add", service, &b.addr.to_string()])
@@ -726,6 +808,14 @@ impl Lab {
     /// The backend node with address `addr`.
     pub fn backend_by_addr(&self, addr: Ipv4Addr) -> Option<&Node> {
         self.backends.iter().find(|b| b.addr == addr)
+    }
+
+    /// The backend node with address `addr`, IPv4 or IPv6.
+    pub fn backend_by_ip(&self, addr: IpAddr) -> Option<&Node> {
+        self.backends.iter().find(|b| match addr {
+            IpAddr::V4(a) => b.addr == a,
+            IpAddr::V6(a) => b.addr6 == Some(a),
+        })
     }
 
     /// The backend node named `name` (`b1`, ...).
@@ -749,6 +839,36 @@ impl Lab {
                 .run(move || TcpListener::bind(addr))?
                 .with_context(|| format!("cannot listen on {addr} in {}", b.ns))?;
             self.servers.push(Server::tcp(b.name.clone(), listener)?);
+        }
+        Ok(())
+    }
+
+    /// [`Lab::serve_tcp`] on `[VIP6]:port`.
+    pub fn serve_tcp6(&mut self, port: u16) -> Result<()> {
+        let vip6 = self
+            .vip6
+            .context("the lab has no IPv6 VIP: start it with ipv6")?;
+        for b in &self.backends {
+            let addr = SocketAddrV6::new(vip6, port, 0, 0);
+            let listener = b
+                .run(move || TcpListener::bind(addr))?
+                .with_context(|| format!("cannot listen on {addr} in {}", b.ns))?;
+            self.servers.push(Server::tcp(b.name.clone(), listener)?);
+        }
+        Ok(())
+    }
+
+    /// [`Lab::serve_udp`] on `[VIP6]:port`.
+    pub fn serve_udp6(&mut self, port: u16) -> Result<()> {
+        let vip6 = self
+            .vip6
+            .context("the lab has no IPv6 VIP: start it with ipv6")?;
+        for b in &self.backends {
+            let addr = SocketAddrV6::new(vip6, port, 0, 0);
+            let socket = b
+                .run(move || UdpSocket::bind(addr))?
+                .with_context(|| format!("cannot bind {addr} in {}", b.ns))?;
+            self.servers.push(Server::udp(b.name.clone(), socket)?);
         }
         Ok(())
     }
@@ -782,6 +902,18 @@ impl Lab {
                     .unwrap_or_else(|e| format!("? ({e})"));
                 format!("{k}={v}")
             })
+            .chain(
+                ["forwarding", "accept_ra", "force_forwarding"]
+                    .iter()
+                    .map(|leaf| {
+                        let k = format!("net.ipv6.conf.{}.{leaf}", self.lb.iface);
+                        let v = self
+                            .netns(&self.lb.ns)
+                            .sysctl_get(&k)
+                            .unwrap_or_else(|e| format!("? ({e})"));
+                        format!("{k}={v}")
+                    }),
+            )
             .collect();
         format!(
             "LB sysctls: {}\nmqlb stats --json: {stats}\ndaemon log (tail):\n{}",
@@ -1089,6 +1221,74 @@ impl LbMaps {
         self.services
             .get(&key, 0)
             .with_context(|| format!("no SERVICES entry for {vip}:{port}/{proto}"))
+    }
+
+    /// The live `SERVICES` entry of an IPv6 service (the key holds the VIP's
+    /// 16 raw bytes).
+    pub fn service_v6(&self, vip: Ipv6Addr, port: u16, proto: u8) -> Result<ServiceValue> {
+        let key = ServiceKey {
+            addr: vip.octets(),
+            port_be: port.to_be(),
+            proto,
+            _pad: 0,
+        };
+        self.services
+            .get(&key, 0)
+            .with_context(|| format!("no SERVICES entry for [{vip}]:{port}/{proto}"))
+    }
+
+    /// The address of `BACKENDS[id]`, IPv4 (mapped in the map) or IPv6.
+    pub fn backend_ip(&self, id: u32) -> Result<IpAddr> {
+        let b = self.backend(id)?;
+        Ok(match v4_unmapped(&b.addr) {
+            Some(v4) => IpAddr::V4(Ipv4Addr::from(v4)),
+            None => IpAddr::V6(Ipv6Addr::from(b.addr)),
+        })
+    }
+
+    /// The backend id the program picks for a new flow of either family
+    /// (conntrack miss): `flow_hash_v6` over the raw addresses for IPv6.
+    pub fn predict_id_any(
+        &self,
+        svc: &ServiceValue,
+        src: SocketAddr,
+        dst: SocketAddr,
+        proto: u8,
+    ) -> Result<u32> {
+        match (src, dst) {
+            (SocketAddr::V4(s), SocketAddr::V4(d)) => self.predict_id(svc, s, d, proto),
+            (SocketAddr::V6(s), SocketAddr::V6(d)) => {
+                if svc.ring_size == 0 {
+                    bail!("service {dst} has an empty ring");
+                }
+                let hash = flow_hash_v6(
+                    svc.seed,
+                    HashMode::from_u8(svc.hash_mode),
+                    &s.ip().octets(),
+                    &d.ip().octets(),
+                    s.port(),
+                    d.port(),
+                    proto,
+                );
+                let slot = svc.ring_base + ring_slot(hash, svc.ring_size);
+                self.rings
+                    .get(&slot, 0)
+                    .with_context(|| format!("cannot read RINGS[{slot}]"))
+            }
+            _ => bail!("flow {src} -> {dst} mixes address families"),
+        }
+    }
+
+    /// The backend address the program picks for a new flow of either family.
+    pub fn predict_any(
+        &self,
+        svc: &ServiceValue,
+        src: SocketAddr,
+        dst: SocketAddr,
+        proto: u8,
+    ) -> Result<IpAddr> {
+        let id = self.predict_id_any(svc, src, dst, proto)?;
+        self.backend_ip(id)
     }
 
     /// Backend id → address (`BACKENDS`).

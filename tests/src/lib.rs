@@ -14,3 +14,4 @@ pub mod media;
 pub mod netns;
 pub mod privileged;
 pub mod rabbit;
+pub mod xdp;

@@ -4,26 +4,13 @@
 //! daemon would, runs hand-built frames and checks the verdict, the exact
 //! output bytes and the counter deltas. Needs root (CI runs as root).
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, ops::RangeInclusive};
 
-use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{TestRun, TestRunOptions, Xdp},
-    Ebpf, EbpfLoader,
-};
 use lb_common::{
-    backend_flags, backend_state,
-    hash::{flow_hash_v4, ring_slot},
-    maglev::{self, MaglevBackend},
-    ring_base, v4_mapped, Backend, Counter, CtEntry, DropReason, Flow4, HashMode, ServiceKey,
-    ServiceValue, Traffic, PROTO_TCP, PROTO_UDP, RANGES_COUNT, RANGE_PORT,
+    backend_state, maglev::MaglevBackend, v4_mapped, Counter, DropReason, Flow4, HashMode,
+    ServiceKey, PROTO_TCP, PROTO_UDP, RANGE_PORT,
 };
-use mqlb_tests::{frames::*, privileged::require_root};
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
+use mqlb_tests::{frames::*, privileged::require_root, xdp::*};
 
 const VIP: [u8; 4] = [10, 99, 0, 1];
 const LB_ADDR: [u8; 4] = [10, 99, 1, 1];
@@ -34,62 +21,15 @@ const BACKENDS: [[u8; 4]; 4] = [
     [10, 99, 1, 13],
     [10, 99, 1, 14],
 ];
-/// BPF_PROG_TEST_RUN runs XDP on the loopback device of the caller's namespace.
-const TEST_RUN_IFINDEX: u32 = 1;
-const RING: u32 = 65537;
 
-struct Lb {
-    ebpf: Ebpf,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-struct Snapshot {
-    counters: Vec<u64>,
-    drops: Vec<u64>,
-}
-
-impl Snapshot {
-    fn counter(&self, later: &Snapshot, c: Counter) -> u64 {
-        later.counters[c as usize] - self.counters[c as usize]
-    }
-    fn drop(&self, later: &Snapshot, r: DropReason) -> u64 {
-        later.drops[r as usize] - self.drops[r as usize]
-    }
-}
-
-impl Lb {
-    fn load() -> Lb {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries("CT4", 4096)
-            .map_max_entries("CT6", 4096)
-            .load(lb_user::programs::LB_OBJECT)
-            .expect("load the mqlb object");
-        let prog: &mut Xdp = ebpf
-            .program_mut(lb_user::programs::LB_PROGRAM)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        prog.load().expect("the verifier accepts mqlb");
-        Lb { ebpf }
-    }
-
-    fn backend(&mut self, id: u32, addr: [u8; 4], ifindex: u32, mtu: u16, state: u8) {
-        let mut m: Array<&mut MapData, Backend> =
-            Array::try_from(self.ebpf.map_mut("BACKENDS").unwrap()).unwrap();
-        let b = Backend {
-            addr: v4_mapped(addr),
-            outer_src: v4_mapped(LB_ADDR),
-            ifindex,
-            mtu,
-            flags: backend_flags::NEXTHOP,
-            state,
-            src_mac: LB_MAC,
-            dst_mac: BACKEND_MACS[(id as usize - 1) % 4],
-        };
-        m.set(id, b, 0).unwrap();
-    }
-
-    /// Writes the ring of service `id` (half 0) from `members` (backend id, weight) and the service.
+/// The IPv4 lab's map writes: backends by address, services on the VIP.
+trait Lab4 {
+    /// Backend `id` at `addr`, with the LB's address as outer source.
+    fn backend(&mut self, id: u32, addr: [u8; 4], ifindex: u32, mtu: u16, state: u8);
+    /// Backends `ids` at their `BACKENDS` addresses, active on the test-run
+    /// interface, MTU 1500.
+    fn active_backends(&mut self, ids: RangeInclusive<u32>);
+    /// Service `id` on VIP:`port` with the ring of `members` (backend id, weight).
     fn service(
         &mut self,
         id: u32,
@@ -98,48 +38,53 @@ impl Lb {
         mode: HashMode,
         members: &[(u32, u32)],
         udp_idle_s: u32,
-    ) -> ServiceValue {
-        let table = maglev::build(
-            &members
-                .iter()
-                .map(|&(bid, weight)| MaglevBackend {
-                    addr: v4_mapped(BACKENDS[bid as usize - 1]),
-                    id: bid,
-                    weight,
-                })
-                .collect::<Vec<_>>(),
-            RING,
-        );
-        let base = ring_base(id, 0);
-        {
-            let mut rings: Array<&mut MapData, u32> =
-                Array::try_from(self.ebpf.map_mut("RINGS").unwrap()).unwrap();
-            for (i, &bid) in table.iter().enumerate() {
-                rings.set(base + i as u32, bid, 0).unwrap();
-            }
-        }
-        let value = ServiceValue {
-            id,
-            ring_base: base,
-            ring_size: if members.iter().any(|m| m.1 > 0) {
-                RING
-            } else {
-                0
-            },
-            seed: 0x5eed,
-            udp_idle_s,
-            hash_mode: mode as u8,
-            ..Default::default()
-        };
-        let mut svcs: HashMap<&mut MapData, ServiceKey, ServiceValue> =
-            HashMap::try_from(self.ebpf.map_mut("SERVICES").unwrap()).unwrap();
-        svcs.insert(service_key(port, proto), value, 0).unwrap();
-        value
-    }
-
+    ) -> Svc;
     /// A port-range service `lo..=hi` on the VIP (key port `RANGE_PORT`),
     /// and `RANGES[RANGES_COUNT]` = `count` as the daemon keeps it.
-    #[allow(clippy::too_many_arguments)]
+    fn range_service(
+        &mut self,
+        id: u32,
+        ports: (u16, u16),
+        proto: u8,
+        mode: HashMode,
+        members: &[(u32, u32)],
+        count: u32,
+    ) -> Svc;
+}
+
+impl Lab4 for Lb {
+    fn backend(&mut self, id: u32, addr: [u8; 4], ifindex: u32, mtu: u16, state: u8) {
+        let (addr, outer_src) = (v4_mapped(addr), v4_mapped(LB_ADDR));
+        self.write_backend(id, addr, outer_src, ifindex, mtu, state);
+    }
+
+    fn active_backends(&mut self, ids: RangeInclusive<u32>) {
+        for id in ids {
+            let addr = BACKENDS[id as usize - 1];
+            self.backend(id, addr, TEST_RUN_IFINDEX, 1500, backend_state::ACTIVE);
+        }
+    }
+
+    fn service(
+        &mut self,
+        id: u32,
+        port: u16,
+        proto: u8,
+        mode: HashMode,
+        members: &[(u32, u32)],
+        udp_idle_s: u32,
+    ) -> Svc {
+        let members: Vec<MaglevBackend> = members
+            .iter()
+            .map(|&(bid, weight)| MaglevBackend {
+                addr: v4_mapped(BACKENDS[bid as usize - 1]),
+                id: bid,
+                weight,
+            })
+            .collect();
+        self.write_service(id, service_key(port, proto), mode, udp_idle_s, &members)
+    }
+
     fn range_service(
         &mut self,
         id: u32,
@@ -148,78 +93,13 @@ impl Lb {
         mode: HashMode,
         members: &[(u32, u32)],
         count: u32,
-    ) -> ServiceValue {
-        let mut value = self.service(id, RANGE_PORT, proto, mode, members, 60);
-        value.port_lo = lo;
-        value.port_hi = hi;
-        let mut svcs: HashMap<&mut MapData, ServiceKey, ServiceValue> =
-            HashMap::try_from(self.ebpf.map_mut("SERVICES").unwrap()).unwrap();
-        svcs.insert(service_key(RANGE_PORT, proto), value, 0)
-            .unwrap();
+    ) -> Svc {
+        let mut svc = self.service(id, RANGE_PORT, proto, mode, members, 60);
+        svc.value.port_lo = lo;
+        svc.value.port_hi = hi;
+        self.insert_service(service_key(RANGE_PORT, proto), svc.value);
         self.set_ranges(count);
-        value
-    }
-
-    fn set_ranges(&mut self, count: u32) {
-        let mut m: Array<&mut MapData, u32> =
-            Array::try_from(self.ebpf.map_mut("RANGES").unwrap()).unwrap();
-        m.set(RANGES_COUNT, count, 0).unwrap();
-    }
-
-    fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &Xdp = self
-            .ebpf
-            .program(lb_user::programs::LB_PROGRAM)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let mut out = vec![0u8; 4096];
-        let res = prog
-            .test_run(TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
-    }
-
-    fn snapshot(&self) -> Snapshot {
-        let sum = |name: &str, n: u32| -> Vec<u64> {
-            let m: PerCpuArray<&MapData, u64> =
-                PerCpuArray::try_from(self.ebpf.map(name).unwrap()).unwrap();
-            (0..n).map(|i| m.get(&i, 0).unwrap().iter().sum()).collect()
-        };
-        Snapshot {
-            counters: sum("STATS", Counter::COUNT),
-            drops: sum("DROPS", DropReason::COUNT),
-        }
-    }
-
-    fn traffic(&self, map: &str, id: u32) -> Traffic {
-        let m: PerCpuArray<&MapData, Traffic> =
-            PerCpuArray::try_from(self.ebpf.map(map).unwrap()).unwrap();
-        m.get(&id, 0)
-            .unwrap()
-            .iter()
-            .fold(Traffic::default(), |a, t| Traffic {
-                packets: a.packets + t.packets,
-                bytes: a.bytes + t.bytes,
-                new_flows: a.new_flows + t.new_flows,
-            })
-    }
-
-    fn ct(&self, flow: &Flow4) -> Option<CtEntry> {
-        let m: HashMap<&MapData, Flow4, CtEntry> =
-            HashMap::try_from(self.ebpf.map("CT4").unwrap()).unwrap();
-        m.get(flow, 0).ok()
-    }
-
-    fn set_ct(&mut self, flow: &Flow4, entry: CtEntry) {
-        let mut m: HashMap<&mut MapData, Flow4, CtEntry> =
-            HashMap::try_from(self.ebpf.map_mut("CT4").unwrap()).unwrap();
-        m.insert(flow, entry, 0).unwrap();
+        svc
     }
 }
 
@@ -243,46 +123,13 @@ fn flow(src: [u8; 4], sport: u16, dport: u16, proto: u8) -> Flow4 {
     }
 }
 
-/// The backend id lb-common says `flow` goes to, from the same table the test wrote.
-fn predict(svc: &ServiceValue, members: &[(u32, u32)], f: &Flow4) -> u32 {
-    let table = maglev::build(
-        &members
-            .iter()
-            .map(|&(bid, weight)| MaglevBackend {
-                addr: v4_mapped(BACKENDS[bid as usize - 1]),
-                id: bid,
-                weight,
-            })
-            .collect::<Vec<_>>(),
-        RING,
-    );
-    let h = flow_hash_v4(
-        svc.seed,
-        HashMode::from_u8(svc.hash_mode),
-        f.src,
-        f.dst,
-        u16::from_be(f.sport_be),
-        u16::from_be(f.dport_be),
-        f.proto,
-    );
-    table[ring_slot(h, svc.ring_size) as usize]
-}
-
 /// Standard lab: three active backends on the test-run interface, MTU 1500, service 1 = VIP:5672/tcp.
-fn amqp_lab() -> (Lb, ServiceValue, Vec<(u32, u32)>) {
+fn amqp_lab() -> (Lb, Svc) {
     let mut lb = Lb::load();
-    for id in 1..=3 {
-        lb.backend(
-            id,
-            BACKENDS[id as usize - 1],
-            TEST_RUN_IFINDEX,
-            1500,
-            backend_state::ACTIVE,
-        );
-    }
+    lb.active_backends(1..=3);
     let members = vec![(1, 100), (2, 100), (3, 100)];
     let svc = lb.service(1, 5672, PROTO_TCP, HashMode::FiveTuple, &members, 60);
-    (lb, svc, members)
+    (lb, svc)
 }
 
 fn tcp_frame(src: [u8; 4], sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
@@ -310,7 +157,7 @@ fn non_service_traffic_passes_untouched() {
     if !require_root("non_service_traffic_passes_untouched") {
         return;
     }
-    let (lb, _, _) = amqp_lab();
+    let (lb, _) = amqp_lab();
     let mut arp = eth([0xff; 6], CLIENT_MAC, 0x0806);
     arp.extend_from_slice(&[0u8; 28]);
     let mut ipv6 = eth(LB_MAC, CLIENT_MAC, 0x86dd);
@@ -357,12 +204,12 @@ fn new_tcp_flow_is_encapsulated_to_the_predicted_backend() {
     if !require_root("new_tcp_flow_is_encapsulated_to_the_predicted_backend") {
         return;
     }
-    let (lb, svc, members) = amqp_lab();
+    let (lb, svc) = amqp_lab();
     let mut seen = [0u32; 4];
     for sport in 40000..40032u16 {
         let input = tcp_frame(CLIENT, sport, 5672, SYN, b"");
         let f = flow(CLIENT, sport, 5672, PROTO_TCP);
-        let want = predict(&svc, &members, &f);
+        let want = svc.predict(&f);
         let before = lb.snapshot();
         let be_before = lb.traffic("BE_STATS", want);
         let (action, out) = lb.run(&input);
@@ -397,18 +244,11 @@ fn established_flow_follows_conntrack_and_syn_rehashes() {
     if !require_root("established_flow_follows_conntrack_and_syn_rehashes") {
         return;
     }
-    let (mut lb, svc, members) = amqp_lab();
+    let (mut lb, svc) = amqp_lab();
     let f = flow(CLIENT, 41000, 5672, PROTO_TCP);
-    let hashed = predict(&svc, &members, &f);
+    let hashed = svc.predict(&f);
     let pinned = if hashed == 1 { 2 } else { 1 };
-    lb.set_ct(
-        &f,
-        CtEntry {
-            backend: pinned,
-            _pad: 0,
-            seen_ns: 0,
-        },
-    );
+    lb.set_ct(&f, pinned, 0);
 
     let data = tcp_frame(CLIENT, 41000, 5672, ACK | PSH, b"AMQP\x00\x00\x09\x01");
     let before = lb.snapshot();
@@ -439,13 +279,13 @@ fn drained_backend_keeps_its_flows_but_gets_no_new_ones() {
     if !require_root("drained_backend_keeps_its_flows_but_gets_no_new_ones") {
         return;
     }
-    let (mut lb, svc, members) = amqp_lab();
+    let (mut lb, svc) = amqp_lab();
     // Establish 30 flows, remember which ones went to backend 2.
     let mut on_two = Vec::new();
     for sport in 42000..42030u16 {
         let (action, _) = lb.run(&tcp_frame(CLIENT, sport, 5672, SYN, b""));
         assert_eq!(action, XDP_TX);
-        if predict(&svc, &members, &flow(CLIENT, sport, 5672, PROTO_TCP)) == 2 {
+        if svc.predict(&flow(CLIENT, sport, 5672, PROTO_TCP)) == 2 {
             on_two.push(sport);
         }
     }
@@ -472,7 +312,7 @@ fn drained_backend_keeps_its_flows_but_gets_no_new_ones() {
     }
     for sport in 43000..43060u16 {
         let input = tcp_frame(CLIENT, sport, 5672, SYN, b"");
-        let want = predict(&svc, &drained, &flow(CLIENT, sport, 5672, PROTO_TCP));
+        let want = svc.predict(&flow(CLIENT, sport, 5672, PROTO_TCP));
         assert_ne!(want, 2);
         let (_, out) = lb.run(&input);
         assert_eq!(out, expect_ipip(&input, want), "new flow {sport}");
@@ -485,15 +325,7 @@ fn udp_rtp_and_rtcp_of_a_stream_share_a_backend() {
         return;
     }
     let mut lb = Lb::load();
-    for id in 1..=3 {
-        lb.backend(
-            id,
-            BACKENDS[id as usize - 1],
-            TEST_RUN_IFINDEX,
-            1500,
-            backend_state::ACTIVE,
-        );
-    }
+    lb.active_backends(1..=3);
     let members = vec![(1, 1), (2, 1), (3, 1)];
     let svc = lb.service(2, 5004, PROTO_UDP, HashMode::Rtp, &members, 60);
     let mut seen = [0u32; 4];
@@ -501,7 +333,7 @@ fn udp_rtp_and_rtcp_of_a_stream_share_a_backend() {
         let rtp_port = 30000 + stream * 2;
         let rtp = udp_frame(CLIENT, rtp_port, 5004, b"\x80\x60rtp");
         let rtcp = udp_frame(CLIENT, rtp_port + 1, 5004, b"\x80\xc8rtcp");
-        let want = predict(&svc, &members, &flow(CLIENT, rtp_port, 5004, PROTO_UDP));
+        let want = svc.predict(&flow(CLIENT, rtp_port, 5004, PROTO_UDP));
         let (a1, o1) = lb.run(&rtp);
         let (a2, o2) = lb.run(&rtcp);
         assert_eq!((a1, a2), (XDP_TX, XDP_TX));
@@ -529,15 +361,7 @@ fn port_range_service_takes_its_ports_and_exact_port_wins() {
         return;
     }
     let mut lb = Lb::load();
-    for id in 1..=4 {
-        lb.backend(
-            id,
-            BACKENDS[id as usize - 1],
-            TEST_RUN_IFINDEX,
-            1500,
-            backend_state::ACTIVE,
-        );
-    }
+    lb.active_backends(1..=4);
     let members = vec![(1, 100), (2, 100), (3, 100)];
     let range = lb.range_service(3, (10000, 10999), PROTO_UDP, HashMode::Rtp, &members, 1);
     lb.service(4, 10500, PROTO_UDP, HashMode::FiveTuple, &[(4, 100)], 60);
@@ -547,7 +371,7 @@ fn port_range_service_takes_its_ports_and_exact_port_wins() {
         let (sport, dport) = (30000 + 2 * stream, 10000 + 2 * stream);
         let rtp = udp_frame(CLIENT, sport, dport, b"\x80\x00rtp");
         let rtcp = udp_frame(CLIENT, sport + 1, dport + 1, b"\x80\xc8rtcp");
-        let want = predict(&range, &members, &flow(CLIENT, sport, dport, PROTO_UDP));
+        let want = range.predict(&flow(CLIENT, sport, dport, PROTO_UDP));
         assert_eq!(
             lb.run(&rtp),
             (XDP_TX, expect_ipip(&rtp, want)),
@@ -587,31 +411,16 @@ fn udp_flow_idles_out_and_rehashes() {
         return;
     }
     let mut lb = Lb::load();
-    for id in 1..=3 {
-        lb.backend(
-            id,
-            BACKENDS[id as usize - 1],
-            TEST_RUN_IFINDEX,
-            1500,
-            backend_state::ACTIVE,
-        );
-    }
+    lb.active_backends(1..=3);
     let members = vec![(1, 1), (2, 1), (3, 1)];
     let svc = lb.service(2, 5004, PROTO_UDP, HashMode::FiveTuple, &members, 1);
     let f = flow(CLIENT, 30000, 5004, PROTO_UDP);
-    let hashed = predict(&svc, &members, &f);
+    let hashed = svc.predict(&f);
     let other = if hashed == 1 { 2 } else { 1 };
     let now = monotonic_ns();
     let input = udp_frame(CLIENT, 30000, 5004, b"x");
 
-    lb.set_ct(
-        &f,
-        CtEntry {
-            backend: other,
-            _pad: 0,
-            seen_ns: now,
-        },
-    );
+    lb.set_ct(&f, other, now);
     let (_, out) = lb.run(&input);
     assert_eq!(
         out,
@@ -623,14 +432,7 @@ fn udp_flow_idles_out_and_rehashes() {
         now > 3_000_000_000,
         "monotonic clock too young for this test"
     );
-    lb.set_ct(
-        &f,
-        CtEntry {
-            backend: other,
-            _pad: 0,
-            seen_ns: now - 2_000_000_000,
-        },
-    );
+    lb.set_ct(&f, other, now - 2_000_000_000);
     let (_, out) = lb.run(&input);
     assert_eq!(
         out,
@@ -667,7 +469,7 @@ fn malformed_fragmented_and_optioned_packets_to_a_vip() {
     if !require_root("malformed_fragmented_and_optioned_packets_to_a_vip") {
         return;
     }
-    let (lb, _, _) = amqp_lab();
+    let (lb, _) = amqp_lab();
     let good = tcp_frame(CLIENT, 40000, 5672, SYN, b"");
 
     // TCP header cut after the ports: the service is known, the flags are not.
@@ -765,7 +567,7 @@ fn too_big_answers_icmp_fragmentation_needed() {
     if !require_root("too_big_answers_icmp_fragmentation_needed") {
         return;
     }
-    let (lb, _, _) = amqp_lab();
+    let (lb, _) = amqp_lab();
     // 1500-byte IP packet: 1520 once encapsulated, over the 1500 MTU.
     let payload = vec![0x5au8; 1500 - 40];
     let input = tcp_frame(CLIENT, 40000, 5672, ACK, &payload);
@@ -818,7 +620,7 @@ fn backend_on_another_interface_is_redirected() {
     if !require_root("backend_on_another_interface_is_redirected") {
         return;
     }
-    let (mut lb, svc, members) = amqp_lab();
+    let (mut lb, svc) = amqp_lab();
     for id in 1..=3 {
         lb.backend(
             id,
@@ -829,7 +631,7 @@ fn backend_on_another_interface_is_redirected() {
         );
     }
     let input = tcp_frame(CLIENT, 40000, 5672, SYN, b"");
-    let want = predict(&svc, &members, &flow(CLIENT, 40000, 5672, PROTO_TCP));
+    let want = svc.predict(&flow(CLIENT, 40000, 5672, PROTO_TCP));
     let before = lb.snapshot();
     let (action, out) = lb.run(&input);
     assert_eq!(action, XDP_REDIRECT);
@@ -842,7 +644,7 @@ fn removed_backend_in_conntrack_still_forwards_missing_one_drops() {
     if !require_root("removed_backend_in_conntrack_still_forwards_missing_one_drops") {
         return;
     }
-    let (mut lb, _, _) = amqp_lab();
+    let (mut lb, _) = amqp_lab();
     let f = flow(CLIENT, 44000, 5672, PROTO_TCP);
     lb.backend(
         4,
@@ -851,14 +653,7 @@ fn removed_backend_in_conntrack_still_forwards_missing_one_drops() {
         1500,
         backend_state::REMOVED,
     );
-    lb.set_ct(
-        &f,
-        CtEntry {
-            backend: 4,
-            _pad: 0,
-            seen_ns: 0,
-        },
-    );
+    lb.set_ct(&f, 4, 0);
     let input = tcp_frame(CLIENT, 44000, 5672, ACK, b"");
     let (action, out) = lb.run(&input);
     assert_eq!(action, XDP_TX);
@@ -869,14 +664,7 @@ fn removed_backend_in_conntrack_still_forwards_missing_one_drops() {
     );
 
     let g = flow(CLIENT, 44001, 5672, PROTO_TCP);
-    lb.set_ct(
-        &g,
-        CtEntry {
-            backend: 9,
-            _pad: 0,
-            seen_ns: 0,
-        },
-    );
+    lb.set_ct(&g, 9, 0);
     let before = lb.snapshot();
     let (action, _) = lb.run(&tcp_frame(CLIENT, 44001, 5672, ACK, b""));
     assert_eq!(action, XDP_DROP);
@@ -888,50 +676,20 @@ fn decap_strips_ipip_to_a_local_address_only() {
     if !require_root("decap_strips_ipip_to_a_local_address_only") {
         return;
     }
-    let mut ebpf = EbpfLoader::new()
-        .load(lb_user::programs::DECAP_OBJECT)
-        .expect("load decap");
-    let prog: &mut Xdp = ebpf
-        .program_mut(lb_user::programs::DECAP_PROGRAM)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    prog.load().expect("the verifier accepts mqlb_decap");
-    {
-        let mut addrs: HashMap<&mut MapData, [u8; 16], u32> =
-            HashMap::try_from(ebpf.map_mut("DECAP_ADDRS").unwrap()).unwrap();
-        addrs.insert(v4_mapped(BACKENDS[0]), 1, 0).unwrap();
-    }
-    let prog: &Xdp = ebpf
-        .program(lb_user::programs::DECAP_PROGRAM)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let run = |input: &[u8]| {
-        let mut out = vec![0u8; 4096];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .unwrap();
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
-    };
+    let decap = Decap::load(&[v4_mapped(BACKENDS[0])]);
     let inner = tcp_frame(CLIENT, 40000, 5672, SYN, b"hello");
     let to_me = ipip_expected(LB_MAC, BACKEND_MACS[0], LB_ADDR, BACKENDS[0], &inner[14..]);
-    let (action, out) = run(&to_me);
+    let (action, out) = decap.run(&to_me);
     assert_eq!(action, XDP_PASS);
     let mut want = eth(BACKEND_MACS[0], LB_MAC, 0x0800);
     want.extend_from_slice(&inner[14..]);
     assert_eq!(out, want, "outer header removed, inner packet intact");
 
     let to_other = ipip_expected(LB_MAC, BACKEND_MACS[1], LB_ADDR, BACKENDS[1], &inner[14..]);
-    let (action, out) = run(&to_other);
+    let (action, out) = decap.run(&to_other);
     assert_eq!(action, XDP_PASS);
     assert_eq!(out, to_other, "IPIP to another address is left alone");
-    let (_, out) = run(&inner);
+    let (_, out) = decap.run(&inner);
     assert_eq!(out, inner, "plain traffic is left alone");
 }
 
@@ -950,111 +708,33 @@ fn addr(a: [u8; 4]) -> Ipv4Addr {
     Ipv4Addr::from(a)
 }
 
-/// A throwaway network namespace for the FIB-fallback fixtures: veth
-/// `mqa` (the LB side, 10.99.1.1/24) with its peer `mqb`, both inside. Removed on drop.
-struct FibNetns {
-    name: String,
-}
-
-impl FibNetns {
-    fn new(tag: &str) -> FibNetns {
-        let name = format!("mqfx{}{tag}", std::process::id());
-        let ns = FibNetns { name };
-        ns.ip(&["netns", "add", &ns.name]);
-        for cmd in [
-            "link add mqa type veth peer name mqb",
-            "link set lo up",
-            "link set mqa up",
-            "link set mqb up",
-            "addr add 10.99.1.1/24 dev mqa",
-            "neigh replace 10.99.1.11 lladdr 02:00:00:00:00:11 nud permanent dev mqa",
-        ] {
-            let args: Vec<&str> = ["-n", &ns.name].into_iter().chain(cmd.split(' ')).collect();
-            ns.ip(&args);
-        }
-        ns
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let st = std::process::Command::new("ip")
-            .args(args)
-            .status()
-            .expect("run ip");
-        assert!(st.success(), "ip {args:?} failed");
-    }
-
-    /// Runs `f` on a thread that has entered the namespace (with forwarding on).
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let file = std::fs::File::open(&path).expect("open netns");
-                use std::os::fd::AsRawFd;
-                // SAFETY: setns on this thread only; the fd is valid for the call.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns {path}");
-                std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
-                    .expect("forwarding on");
-                f()
-            })
-            .join()
-            .expect("netns thread")
-        })
-    }
-
-    fn mac(&self, dev: &str) -> [u8; 6] {
-        let out = std::process::Command::new("ip")
-            .args(["-n", &self.name, "-o", "link", "show", dev])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mac = text
-            .split("link/ether ")
-            .nth(1)
-            .unwrap()
-            .split(' ')
-            .next()
-            .unwrap();
-        let v: Vec<u8> = mac
-            .split(':')
-            .map(|h| u8::from_str_radix(h, 16).unwrap())
-            .collect();
-        v.try_into().unwrap()
-    }
-}
-
-impl Drop for FibNetns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
 #[test]
 fn uncached_next_hop_falls_back_to_the_fib() {
     if !require_root("uncached_next_hop_falls_back_to_the_fib") {
         return;
     }
-    let ns = FibNetns::new("f");
+    // The LB side of a veth pair, 10.99.1.1/24, a neighbour for backend 1 only.
+    let ns = FibNetns::new(
+        "4",
+        &[
+            "addr add 10.99.1.1/24 dev mqa",
+            "neigh replace 10.99.1.11 lladdr 02:00:00:00:00:11 nud permanent dev mqa",
+        ],
+    );
     let a_mac = ns.mac("mqa");
-    let (mut lb, svc, members) = amqp_lab();
+    let (mut lb, svc) = amqp_lab();
     // Backends 1..3 without a cached next hop: 1 has a neighbour entry,
     // 2 and 3 are on-link but unresolved.
-    {
-        let mut m: Array<&mut MapData, Backend> =
-            Array::try_from(lb.ebpf.map_mut("BACKENDS").unwrap()).unwrap();
-        for id in 1..=3u32 {
-            let mut b = m.get(&id, 0).unwrap();
+    for id in 1..=3 {
+        lb.edit_backend(id, |b| {
             b.flags = 0;
             b.ifindex = 0;
             b.dst_mac = [0; 6];
-            m.set(id, b, 0).unwrap();
-        }
+        });
     }
     let sport_for = |want: u32| {
         (45000..46000u16)
-            .find(|&p| predict(&svc, &members, &flow(CLIENT, p, 5672, PROTO_TCP)) == want)
+            .find(|&p| svc.predict(&flow(CLIENT, p, 5672, PROTO_TCP)) == want)
             .expect("a port hashing to the backend")
     };
     let (p1, p2) = (sport_for(1), sport_for(2));
@@ -1100,7 +780,7 @@ fn flows_of_a_down_backend_move_to_a_healthy_one() {
     if !require_root("flows_of_a_down_backend_move_to_a_healthy_one") {
         return;
     }
-    let (mut lb, _, _) = amqp_lab();
+    let (mut lb, _) = amqp_lab();
     let media_members = vec![(1, 100), (2, 100), (3, 100)];
     lb.service(2, 5004, PROTO_UDP, HashMode::Rtp, &media_members, 60);
     // Flows pinned to backend 2, then backend 2 fails its health check: the
@@ -1108,22 +788,8 @@ fn flows_of_a_down_backend_move_to_a_healthy_one() {
     let tcp_flow = flow(CLIENT, 46000, 5672, PROTO_TCP);
     let udp_flow = flow(CLIENT, 46002, 5004, PROTO_UDP);
     let now = monotonic_ns();
-    lb.set_ct(
-        &tcp_flow,
-        CtEntry {
-            backend: 2,
-            _pad: 0,
-            seen_ns: 0,
-        },
-    );
-    lb.set_ct(
-        &udp_flow,
-        CtEntry {
-            backend: 2,
-            _pad: 0,
-            seen_ns: now,
-        },
-    );
+    lb.set_ct(&tcp_flow, 2, 0);
+    lb.set_ct(&udp_flow, 2, now);
     lb.backend(2, BACKENDS[1], TEST_RUN_IFINDEX, 1500, backend_state::DOWN);
     let healthy = vec![(1, 100), (3, 100)];
     let amqp = lb.service(1, 5672, PROTO_TCP, HashMode::FiveTuple, &healthy, 60);
@@ -1131,7 +797,7 @@ fn flows_of_a_down_backend_move_to_a_healthy_one() {
 
     let svc_before = lb.traffic("SVC_STATS", 2);
     let rtp = udp_frame(CLIENT, 46002, 5004, b"\x80\x60rtp");
-    let want = predict(&media, &healthy, &udp_flow);
+    let want = media.predict(&udp_flow);
     assert_ne!(want, 2);
     let (action, out) = lb.run(&rtp);
     assert_eq!(action, XDP_TX);
@@ -1154,7 +820,7 @@ fn flows_of_a_down_backend_move_to_a_healthy_one() {
     assert_eq!(again, out, "and stays there");
 
     let ack = tcp_frame(CLIENT, 46000, 5672, ACK | PSH, b"x");
-    let want = predict(&amqp, &healthy, &tcp_flow);
+    let want = amqp.predict(&tcp_flow);
     let (action, out) = lb.run(&ack);
     assert_eq!(action, XDP_TX);
     assert_eq!(

@@ -8,23 +8,13 @@
 //! checksums share no code with lb-common) and checks the verdict, the exact
 //! output bytes and the counter deltas. Needs root (CI runs as root).
 
-use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{TestRun, TestRunOptions, Xdp},
-    Ebpf, EbpfLoader,
-};
 use lb_common::{
     backend_flags, backend_state,
-    hash::{flow_hash_v4, flow_hash_v6, flow_label_v4, flow_label_v6, ring_slot},
-    maglev::{self, MaglevBackend},
-    ring_base, v4_mapped, Backend, Counter, CtEntry, DropReason, Flow4, Flow6, HashMode,
-    ServiceKey, ServiceValue, PROTO_TCP, PROTO_UDP,
+    hash::{flow_label_v4, flow_label_v6},
+    maglev::MaglevBackend,
+    v4_mapped, Counter, DropReason, Flow4, Flow6, HashMode, ServiceKey, PROTO_TCP, PROTO_UDP,
 };
-use mqlb_tests::{frames::*, privileged::require_root};
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
+use mqlb_tests::{frames::*, privileged::require_root, xdp::*};
 
 /// `2001:db8:<a>::<b>`.
 const fn v6(a: u8, b: u8) -> [u8; 16] {
@@ -44,10 +34,6 @@ const LB4: [u8; 4] = [10, 99, 1, 1];
 const BACKENDS4: [[u8; 4]; 3] = [[10, 99, 1, 11], [10, 99, 1, 12], [10, 99, 1, 13]];
 const ROUTER4: [u8; 4] = [10, 99, 2, 254];
 
-/// BPF_PROG_TEST_RUN runs XDP on the loopback device of the caller's namespace.
-const TEST_RUN_IFINDEX: u32 = 1;
-const RING: u32 = 65537;
-
 /// Backend ids of the tests: 1..=3 IPv6 (`BACKENDS6`), 11..=13 IPv4 (`BACKENDS4`).
 fn backend_addr(id: u32) -> [u8; 16] {
     match id {
@@ -61,214 +47,41 @@ fn backend_mac(id: u32) -> [u8; 6] {
     BACKEND_MACS[(id as usize - 1) % 4]
 }
 
-struct Lb {
-    ebpf: Ebpf,
+/// The IPv6 fixtures' map writes: backends by id, services on any VIP.
+trait Lab6 {
+    /// Backend `id` on the test-run interface, the LB's address of its
+    /// family as outer source.
+    fn backend(&mut self, id: u32, mtu: u16, state: u8);
+    /// Service `id` on `vip` (16 bytes, IPv4-mapped for IPv4) with the ring
+    /// of `members` (backend ids, equal weights).
+    fn service(&mut self, id: u32, vip: [u8; 16], port: u16, proto: u8, members: &[u32]) -> Svc;
 }
 
-#[derive(Debug, Clone, PartialEq)]
-struct Snapshot {
-    counters: Vec<u64>,
-    drops: Vec<u64>,
-}
-
-impl Snapshot {
-    fn counter(&self, later: &Snapshot, c: Counter) -> u64 {
-        later.counters[c as usize] - self.counters[c as usize]
-    }
-    fn drop(&self, later: &Snapshot, r: DropReason) -> u64 {
-        later.drops[r as usize] - self.drops[r as usize]
-    }
-}
-
-impl Lb {
-    fn load() -> Lb {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries("CT4", 4096)
-            .map_max_entries("CT6", 4096)
-            .load(lb_user::programs::LB_OBJECT)
-            .expect("load the mqlb object");
-        let prog: &mut Xdp = ebpf
-            .program_mut(lb_user::programs::LB_PROGRAM)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        prog.load().expect("the verifier accepts mqlb");
-        Lb { ebpf }
-    }
-
-    /// Backend `id` as the daemon writes it: the family flag from the
-    /// address, the LB's address of that family as outer source.
+impl Lab6 for Lb {
     fn backend(&mut self, id: u32, mtu: u16, state: u8) {
         let addr = backend_addr(id);
         let v6 = backend_flags::family(&addr) == backend_flags::IPV6;
-        let b = Backend {
-            addr,
-            outer_src: if v6 { LB6 } else { v4_mapped(LB4) },
-            ifindex: TEST_RUN_IFINDEX,
-            mtu,
-            flags: backend_flags::family(&addr) | backend_flags::NEXTHOP,
-            state,
-            src_mac: LB_MAC,
-            dst_mac: backend_mac(id),
-        };
-        let mut m: Array<&mut MapData, Backend> =
-            Array::try_from(self.ebpf.map_mut("BACKENDS").unwrap()).unwrap();
-        m.set(id, b, 0).unwrap();
+        let outer_src = if v6 { LB6 } else { v4_mapped(LB4) };
+        self.write_backend(id, addr, outer_src, TEST_RUN_IFINDEX, mtu, state);
     }
 
-    /// Service `id` on `vip` (16 bytes, IPv4-mapped for IPv4) with the ring
-    /// of `members` (backend ids, equal weights) in half 0.
     fn service(&mut self, id: u32, vip: [u8; 16], port: u16, proto: u8, members: &[u32]) -> Svc {
-        let table = table(members);
-        let base = ring_base(id, 0);
-        {
-            let mut rings: Array<&mut MapData, u32> =
-                Array::try_from(self.ebpf.map_mut("RINGS").unwrap()).unwrap();
-            for (i, &bid) in table.iter().enumerate() {
-                rings.set(base + i as u32, bid, 0).unwrap();
-            }
-        }
-        let value = ServiceValue {
-            id,
-            ring_base: base,
-            ring_size: RING,
-            seed: 0x5eed,
-            udp_idle_s: 60,
-            hash_mode: HashMode::FiveTuple as u8,
-            ..Default::default()
-        };
         let key = ServiceKey {
             addr: vip,
             port_be: port.to_be(),
             proto,
             _pad: 0,
         };
-        let mut svcs: HashMap<&mut MapData, ServiceKey, ServiceValue> =
-            HashMap::try_from(self.ebpf.map_mut("SERVICES").unwrap()).unwrap();
-        svcs.insert(key, value, 0).unwrap();
-        Svc { value, table }
-    }
-
-    fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &Xdp = self
-            .ebpf
-            .program(lb_user::programs::LB_PROGRAM)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let mut out = vec![0u8; 4096];
-        let res = prog
-            .test_run(TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
-    }
-
-    fn snapshot(&self) -> Snapshot {
-        let sum = |name: &str, n: u32| -> Vec<u64> {
-            let m: PerCpuArray<&MapData, u64> =
-                PerCpuArray::try_from(self.ebpf.map(name).unwrap()).unwrap();
-            (0..n).map(|i| m.get(&i, 0).unwrap().iter().sum()).collect()
-        };
-        Snapshot {
-            counters: sum("STATS", Counter::COUNT),
-            drops: sum("DROPS", DropReason::COUNT),
-        }
-    }
-
-    fn ct6(&self, flow: &Flow6) -> Option<CtEntry> {
-        let m: HashMap<&MapData, Flow6, CtEntry> =
-            HashMap::try_from(self.ebpf.map("CT6").unwrap()).unwrap();
-        m.get(flow, 0).ok()
-    }
-
-    fn set_ct6(&mut self, flow: &Flow6, backend: u32) {
-        let mut m: HashMap<&mut MapData, Flow6, CtEntry> =
-            HashMap::try_from(self.ebpf.map_mut("CT6").unwrap()).unwrap();
-        let e = CtEntry {
-            backend,
-            _pad: 0,
-            seen_ns: 0,
-        };
-        m.insert(flow, e, 0).unwrap();
-    }
-
-    fn set_ct4(&mut self, flow: &Flow4, backend: u32) {
-        let mut m: HashMap<&mut MapData, Flow4, CtEntry> =
-            HashMap::try_from(self.ebpf.map_mut("CT4").unwrap()).unwrap();
-        let e = CtEntry {
-            backend,
-            _pad: 0,
-            seen_ns: 0,
-        };
-        m.insert(flow, e, 0).unwrap();
-    }
-
-    fn ct4_len(&self) -> usize {
-        let m: HashMap<&MapData, Flow4, CtEntry> =
-            HashMap::try_from(self.ebpf.map("CT4").unwrap()).unwrap();
-        m.keys().count()
-    }
-
-    fn ct6_len(&self) -> usize {
-        let m: HashMap<&MapData, Flow6, CtEntry> =
-            HashMap::try_from(self.ebpf.map("CT6").unwrap()).unwrap();
-        m.keys().count()
-    }
-}
-
-/// A service as written, with its Maglev table (for predictions).
-struct Svc {
-    value: ServiceValue,
-    table: Vec<u32>,
-}
-
-impl Svc {
-    fn predict6(&self, f: &Flow6) -> u32 {
-        let v = &self.value;
-        let h = flow_hash_v6(
-            v.seed,
-            HashMode::from_u8(v.hash_mode),
-            &f.src,
-            &f.dst,
-            u16::from_be(f.sport_be),
-            u16::from_be(f.dport_be),
-            f.proto,
-        );
-        self.table[ring_slot(h, v.ring_size) as usize]
-    }
-
-    fn predict4(&self, f: &Flow4) -> u32 {
-        let v = &self.value;
-        let h = flow_hash_v4(
-            v.seed,
-            HashMode::from_u8(v.hash_mode),
-            f.src,
-            f.dst,
-            u16::from_be(f.sport_be),
-            u16::from_be(f.dport_be),
-            f.proto,
-        );
-        self.table[ring_slot(h, v.ring_size) as usize]
-    }
-}
-
-fn table(members: &[u32]) -> Vec<u32> {
-    maglev::build(
-        &members
+        let members: Vec<MaglevBackend> = members
             .iter()
             .map(|&id| MaglevBackend {
                 addr: backend_addr(id),
                 id,
                 weight: 100,
             })
-            .collect::<Vec<_>>(),
-        RING,
-    )
+            .collect();
+        self.write_service(id, key, HashMode::FiveTuple, 60, &members)
+    }
 }
 
 fn flow6(sport: u16, dport: u16, proto: u8) -> Flow6 {
@@ -439,7 +252,7 @@ fn v6_tcp_syn_is_6in6_to_the_predicted_backend() {
     for sport in 40000..40024u16 {
         let input = tcp6_frame(&client_ip6(6), sport, 5672, SYN, b"");
         let f = flow6(sport, 5672, PROTO_TCP);
-        let want = amqp.predict6(&f);
+        let want = amqp.predict(&f);
         let before = lb.snapshot();
         let (action, out) = lb.run(&input);
         let after = lb.snapshot();
@@ -450,7 +263,7 @@ fn v6_tcp_syn_is_6in6_to_the_predicted_backend() {
             "port {sport}: exact 6-in-6 bytes"
         );
         assert_eq!(
-            lb.ct6(&f).map(|e| e.backend),
+            lb.ct(&f).map(|e| e.backend),
             Some(want),
             "CT6 pins the flow"
         );
@@ -490,7 +303,7 @@ fn v6_udp_is_6in6_and_established_flows_follow_ct6() {
     let ip = client_ip6(17);
     let rtp = frame6(&ip, &udp6(&ip, 30000, 5004, &[0x80; 172]));
     let f = flow6(30000, 5004, PROTO_UDP);
-    let want = media.predict6(&f);
+    let want = media.predict(&f);
     let (action, out) = lb.run(&rtp);
     assert_eq!(action, XDP_TX);
     assert_eq!(
@@ -498,13 +311,13 @@ fn v6_udp_is_6in6_and_established_flows_follow_ct6() {
         expect_6in6(&rtp, want, &f),
         "exact 6-in-6 bytes of a UDP datagram"
     );
-    assert_eq!(lb.ct6(&f).map(|e| e.backend), Some(want));
+    assert_eq!(lb.ct(&f).map(|e| e.backend), Some(want));
 
     // A TCP flow pinned in CT6 to another backend than the ring's.
     let g = flow6(41000, 5672, PROTO_TCP);
-    let hashed = amqp.predict6(&g);
+    let hashed = amqp.predict(&g);
     let pinned = if hashed == 1 { 2 } else { 1 };
-    lb.set_ct6(&g, pinned);
+    lb.set_ct(&g, pinned, 0);
     let data = tcp6_frame(
         &client_ip6(6),
         41000,
@@ -528,7 +341,7 @@ fn v6_udp_is_6in6_and_established_flows_follow_ct6() {
         expect_6in6(&syn, hashed, &g),
         "a SYN starts over from the ring"
     );
-    assert_eq!(lb.ct6(&g).map(|e| e.backend), Some(hashed));
+    assert_eq!(lb.ct(&g).map(|e| e.backend), Some(hashed));
 }
 
 #[test]
@@ -565,12 +378,12 @@ fn v6_extension_headers_are_walked_or_counted() {
         ip.ext = ext;
         let input = tcp6_frame(&ip, sport, 5672, SYN, b"");
         let f = flow6(sport, 5672, PROTO_TCP);
-        let want = amqp.predict6(&f);
+        let want = amqp.predict(&f);
         let (action, out) = lb.run(&input);
         assert_eq!(action, XDP_TX, "{name}");
         assert_eq!(out, expect_6in6(&input, want, &f), "{name}: exact bytes");
         assert_eq!(
-            lb.ct6(&f).map(|e| e.backend),
+            lb.ct(&f).map(|e| e.backend),
             Some(want),
             "{name}: CT6 key from the real ports"
         );
@@ -686,7 +499,7 @@ fn v4_service_to_v6_backend_is_4in6_and_v6_service_to_v4_backend_is_6in4() {
     let ip4 = Ip4::new(CLIENT4, VIP4, PROTO_TCP);
     let syn4 = frame(&ip4, &tcp(&ip4, 40000, 5672, SYN, b""));
     let f4 = flow4(40000, 5672, PROTO_TCP);
-    let want = svc4.predict4(&f4);
+    let want = svc4.predict(&f4);
     let (action, out) = lb.run(&syn4);
     assert_eq!(action, XDP_TX);
     let expect = ip6_tunnel_expected(
@@ -714,7 +527,7 @@ fn v4_service_to_v6_backend_is_4in6_and_v6_service_to_v4_backend_is_6in4() {
     }
     let svc6 = lb.service(4, VIP6, 5673, PROTO_TCP, &[11, 12, 13]);
     let syn6 = tcp6_frame(&client_ip6(6), 40000, 5673, SYN, b"");
-    let want = svc6.predict6(&flow6(40000, 5673, PROTO_TCP));
+    let want = svc6.predict(&flow6(40000, 5673, PROTO_TCP));
     let (action, out) = lb.run(&syn6);
     assert_eq!(action, XDP_TX);
     let expect = ip6_in_ip4_expected(
@@ -756,10 +569,10 @@ fn icmp4_error_quoting_a_flow_goes_to_the_flows_backend() {
     quoted.extend_from_slice(&reply);
     let err = icmp4_error(3, 4, [0, 0, 0x05, 0x78], &quoted);
     let f = flow4(40000, 5672, PROTO_TCP);
-    let hashed = svc.predict4(&f);
+    let hashed = svc.predict(&f);
     let pinned = if hashed == 11 { 12 } else { 11 };
-    lb.set_ct4(&f, pinned);
-    let ct_before = lb.ct4_len();
+    lb.set_ct(&f, pinned, 0);
+    let ct_before = lb.ct_len::<Flow4>();
     let before = lb.snapshot();
     let (action, out) = lb.run(&err);
     let after = lb.snapshot();
@@ -779,7 +592,7 @@ fn icmp4_error_quoting_a_flow_goes_to_the_flows_backend() {
     let mut quoted = reply_ip.header(reply.len());
     quoted.extend_from_slice(&reply);
     let ttl = icmp4_error(11, 0, [0; 4], &quoted);
-    let want = svc.predict4(&g);
+    let want = svc.predict(&g);
     let (action, out) = lb.run(&ttl);
     assert_eq!(action, XDP_TX);
     let to = BACKENDS4[want as usize - 11];
@@ -788,7 +601,7 @@ fn icmp4_error_quoting_a_flow_goes_to_the_flows_backend() {
         ipip_expected(LB_MAC, backend_mac(want), LB4, to, &ttl[14..])
     );
     assert_eq!(
-        lb.ct4_len(),
+        lb.ct_len::<Flow4>(),
         ct_before,
         "an ICMP error creates no conntrack entry"
     );
@@ -834,10 +647,10 @@ fn icmpv6_error_quoting_a_flow_goes_to_the_flows_backend() {
         &icmp6(&err_ip, 2, 0, 1400u32.to_be_bytes(), &quoted[..1232]),
     );
     let f = flow6(40000, 5672, PROTO_TCP);
-    let hashed = amqp.predict6(&f);
+    let hashed = amqp.predict(&f);
     let pinned = if hashed == 1 { 2 } else { 1 };
-    lb.set_ct6(&f, pinned);
-    let ct_before = lb.ct6_len();
+    lb.set_ct(&f, pinned, 0);
+    let ct_before = lb.ct_len::<Flow6>();
     let before = lb.snapshot();
     let (action, out) = lb.run(&err);
     let after = lb.snapshot();
@@ -855,12 +668,12 @@ fn icmpv6_error_quoting_a_flow_goes_to_the_flows_backend() {
     let mut quoted = reply_ip.header(reply.len());
     quoted.extend_from_slice(&reply);
     let unreach = frame6(&err_ip, &icmp6(&err_ip, 1, 3, [0; 4], &quoted));
-    let want = amqp.predict6(&g);
+    let want = amqp.predict(&g);
     let (action, out) = lb.run(&unreach);
     assert_eq!(action, XDP_TX);
     assert_eq!(out, expect_6in6(&unreach, want, &g));
     assert_eq!(
-        lb.ct6_len(),
+        lb.ct_len::<Flow6>(),
         ct_before,
         "an ICMPv6 error creates no conntrack entry"
     );
@@ -878,38 +691,7 @@ fn decap_strips_ipv6_tunnels_to_a_local_address_only() {
     if !require_root("decap_strips_ipv6_tunnels_to_a_local_address_only") {
         return;
     }
-    let mut ebpf = EbpfLoader::new()
-        .load(lb_user::programs::DECAP_OBJECT)
-        .expect("load decap");
-    let prog: &mut Xdp = ebpf
-        .program_mut(lb_user::programs::DECAP_PROGRAM)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    prog.load().expect("the verifier accepts mqlb_decap");
-    {
-        let mut addrs: HashMap<&mut MapData, [u8; 16], u32> =
-            HashMap::try_from(ebpf.map_mut("DECAP_ADDRS").unwrap()).unwrap();
-        addrs.insert(BACKENDS6[0], 1, 0).unwrap();
-        addrs.insert(v4_mapped(BACKENDS4[0]), 1, 0).unwrap();
-    }
-    let prog: &Xdp = ebpf
-        .program(lb_user::programs::DECAP_PROGRAM)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let run = |input: &[u8]| {
-        let mut out = vec![0u8; 4096];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .unwrap();
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
-    };
+    let decap = Decap::load(&[BACKENDS6[0], v4_mapped(BACKENDS4[0])]);
     let inner6 = tcp6_frame(&client_ip6(6), 40000, 5672, SYN, b"hello");
     let ip4 = Ip4::new(CLIENT4, VIP4, PROTO_TCP);
     let inner4 = frame(&ip4, &tcp(&ip4, 40000, 5672, SYN, b"hello"));
@@ -932,7 +714,7 @@ fn decap_strips_ipv6_tunnels_to_a_local_address_only() {
         ),
     ];
     for (name, tunnelled, inner) in cases {
-        let (action, out) = run(&tunnelled);
+        let (action, out) = decap.run(&tunnelled);
         assert_eq!(action, XDP_PASS, "{name}");
         let mut want = eth(mac, LB_MAC, u16::from_be_bytes([inner[12], inner[13]]));
         want.extend_from_slice(&inner[14..]);
@@ -943,98 +725,15 @@ fn decap_strips_ipv6_tunnels_to_a_local_address_only() {
     }
     let to_other = ip6_tunnel_expected(LB_MAC, mac, LB6, BACKENDS6[1], 7, &inner6[14..]);
     assert_eq!(
-        run(&to_other),
+        decap.run(&to_other),
         (XDP_PASS, to_other.clone()),
         "to another address: left alone"
     );
     assert_eq!(
-        run(&inner6),
+        decap.run(&inner6),
         (XDP_PASS, inner6.clone()),
         "plain IPv6: left alone"
     );
-}
-
-/// A throwaway network namespace for the IPv6 FIB fixture: veth `mqa` (the
-/// LB side, 2001:db8:1::1/64) with its peer `mqb`, both inside, a permanent
-/// neighbour for backend 1 only. Removed on drop (also when a test fails).
-struct FibNetns6 {
-    name: String,
-}
-
-impl FibNetns6 {
-    fn new() -> FibNetns6 {
-        let ns = FibNetns6 {
-            name: format!("mqfx6{}", std::process::id()),
-        };
-        ns.ip(&["netns", "add", &ns.name]);
-        for cmd in [
-            "link add mqa type veth peer name mqb",
-            "link set lo up",
-            "link set mqa up",
-            "link set mqb up",
-            "-6 addr add 2001:db8:1::1/64 dev mqa nodad",
-            "-6 neigh replace 2001:db8:1::11 lladdr 02:00:00:00:00:11 nud permanent dev mqa",
-        ] {
-            let args: Vec<&str> = ["-n", &ns.name].into_iter().chain(cmd.split(' ')).collect();
-            ns.ip(&args);
-        }
-        ns
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let st = std::process::Command::new("ip")
-            .args(args)
-            .status()
-            .expect("run ip");
-        assert!(st.success(), "ip {args:?} failed");
-    }
-
-    /// Runs `f` on a thread that has entered the namespace (IPv6 forwarding on).
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let file = std::fs::File::open(&path).expect("open netns");
-                use std::os::fd::AsRawFd;
-                // SAFETY: setns on this thread only; the fd is valid for the call.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns {path}");
-                std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
-                    .expect("IPv6 forwarding on");
-                f()
-            })
-            .join()
-            .expect("netns thread")
-        })
-    }
-
-    fn mac(&self, dev: &str) -> [u8; 6] {
-        let out = std::process::Command::new("ip")
-            .args(["-n", &self.name, "-o", "link", "show", dev])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mac = text
-            .split("link/ether ")
-            .nth(1)
-            .unwrap()
-            .split(' ')
-            .next()
-            .unwrap();
-        let v: Vec<u8> = mac
-            .split(':')
-            .map(|h| u8::from_str_radix(h, 16).unwrap())
-            .collect();
-        v.try_into().unwrap()
-    }
-}
-
-impl Drop for FibNetns6 {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
 }
 
 #[test]
@@ -1042,24 +741,27 @@ fn v6_uncached_next_hop_falls_back_to_the_fib() {
     if !require_root("v6_uncached_next_hop_falls_back_to_the_fib") {
         return;
     }
-    let ns = FibNetns6::new();
+    // The LB side of a veth pair, 2001:db8:1::1/64, a neighbour for backend 1 only.
+    let ns = FibNetns::new(
+        "6",
+        &[
+            "-6 addr add 2001:db8:1::1/64 dev mqa nodad",
+            "-6 neigh replace 2001:db8:1::11 lladdr 02:00:00:00:00:11 nud permanent dev mqa",
+        ],
+    );
     let a_mac = ns.mac("mqa");
     let (mut lb, amqp, _) = lab6();
     // Backends without a cached next hop: the IPv6 family flag only.
-    {
-        let mut m: Array<&mut MapData, Backend> =
-            Array::try_from(lb.ebpf.map_mut("BACKENDS").unwrap()).unwrap();
-        for id in 1..=3u32 {
-            let mut b = m.get(&id, 0).unwrap();
+    for id in 1..=3 {
+        lb.edit_backend(id, |b| {
             b.flags = backend_flags::IPV6;
             b.ifindex = 0;
             b.dst_mac = [0; 6];
-            m.set(id, b, 0).unwrap();
-        }
+        });
     }
     let sport_for = |want: u32| {
         (45000..46000u16)
-            .find(|&p| amqp.predict6(&flow6(p, 5672, PROTO_TCP)) == want)
+            .find(|&p| amqp.predict(&flow6(p, 5672, PROTO_TCP)) == want)
             .expect("a port hashing to the backend")
     };
     let (p1, p2) = (sport_for(1), sport_for(2));

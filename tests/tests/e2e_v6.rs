@@ -1,0 +1,269 @@
+//! Layer 4, IPv6: the namespace lab with its IPv6 plane (`LabConfig::ipv6`),
+//! the daemon and `mqlb decap` as in `e2e.rs`. IPv6 clients through the IPv6
+//! VIP to IPv6 backends (6-in-6), and the mixed families the data plane
+//! takes: an IPv4 VIP with IPv6 backends (4-in-6) and an IPv6 VIP with IPv4
+//! backends (6-in-4).
+//!
+//! Every flow's backend is predicted from the daemon's pinned maps with
+//! `lb_common::hash::flow_hash_v4/v6` (what the program runs) and checked
+//! against the backend that greeted. Every wait polls a condition.
+
+use lb_common::{backend_flags, PROTO_TCP, PROTO_UDP};
+use mqlb_tests::lab::{wait_for, Lab, LabConfig, XdpMode};
+use mqlb_tests::privileged::require_root;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::time::Duration;
+
+const AMQP: u16 = 5672;
+const MEDIA: u16 = 5004;
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+const RING_DEADLINE: Duration = Duration::from_secs(10);
+
+fn start_lab(mode: XdpMode) -> Lab {
+    Lab::start(LabConfig {
+        mode,
+        ipv6: true,
+        ..LabConfig::default()
+    })
+    .unwrap_or_else(|e| panic!("the lab did not start: {e:#}"))
+}
+
+fn vip6(lab: &Lab) -> IpAddr {
+    IpAddr::V6(lab.vip6.expect("the lab has an IPv6 VIP"))
+}
+
+/// Waits until the live ring of `vip:port/proto` holds exactly `want`.
+fn wait_ring(lab: &Lab, vip: IpAddr, port: u16, proto: u8, want: &BTreeSet<IpAddr>) {
+    wait_for(
+        &format!("the ring of {vip} port {port} to hold {want:?}"),
+        RING_DEADLINE,
+        || {
+            let maps = lab.maps()?;
+            let svc = match vip {
+                IpAddr::V4(a) => maps.service_v4(a, port, proto)?,
+                IpAddr::V6(a) => maps.service_v6(a, port, proto)?,
+            };
+            let ids: BTreeSet<u32> = maps.ring(&svc)?.into_iter().filter(|&i| i != 0).collect();
+            let members = ids
+                .into_iter()
+                .map(|id| maps.backend_ip(id))
+                .collect::<anyhow::Result<BTreeSet<IpAddr>>>()?;
+            Ok((&members == want).then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()));
+}
+
+/// Adds service `name` on `vip:port` and one backend per address, waits for the ring.
+fn service(lab: &Lab, name: &str, vip: IpAddr, port: u16, proto: &str, backends: &[IpAddr]) {
+    let added = match vip {
+        IpAddr::V4(_) => lab.add_service(name, port, proto, None),
+        IpAddr::V6(_) => lab.add_service6(name, port, proto, None),
+    };
+    added.unwrap_or_else(|e| panic!("service add {name}: {e:#}"));
+    for b in backends {
+        lab.mqlb(&["backend", "add", name, &b.to_string()])
+            .unwrap_or_else(|e| panic!("backend add {b}: {e:#}"));
+    }
+    let proto = if proto == "tcp" { PROTO_TCP } else { PROTO_UDP };
+    wait_ring(lab, vip, port, proto, &backends.iter().copied().collect());
+    wait_nexthops(lab, backends);
+}
+
+/// Waits until the daemon cached every backend's next hop (IPv6 routes and
+/// neighbours included), so no test flow takes the unresolved-neighbour
+/// path through the stack, where a lost first UDP datagram is not resent.
+fn wait_nexthops(lab: &Lab, backends: &[IpAddr]) {
+    wait_for(
+        "every backend's next hop in BACKENDS",
+        RING_DEADLINE,
+        || {
+            let maps = lab.maps()?;
+            for id in 1..lb_common::MAX_BACKENDS {
+                let Ok(entry) = maps.backend(id) else {
+                    continue;
+                };
+                let ip = maps.backend_ip(id)?;
+                if backends.contains(&ip) && entry.flags & backend_flags::NEXTHOP == 0 {
+                    anyhow::bail!("backend {ip} (id {id}) has no next hop yet");
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()));
+}
+
+fn read_line(reader: &mut BufReader<TcpStream>, src: SocketAddr) -> String {
+    let mut line = String::new();
+    let n = reader
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("no answer on flow {src} within {IO_TIMEOUT:?}: {e}"));
+    assert!(n > 0, "flow {src} closed by the far end");
+    line.trim_end().to_string()
+}
+
+/// Opens `n` TCP connections from the client to `vip:AMQP`; checks each
+/// greeting (accepted on the VIP, the client's own address seen: DSR, no
+/// NAT), that the backend is the one the ring predicts, and one exchange.
+/// Returns connections per backend name.
+fn tcp_flows(lab: &Lab, vip: IpAddr, n: usize) -> BTreeMap<String, usize> {
+    let dst = SocketAddr::new(vip, AMQP);
+    let streams = lab
+        .client
+        .run(move || {
+            (0..n)
+                .map(|i| {
+                    TcpStream::connect_timeout(&dst, IO_TIMEOUT)
+                        .map_err(|e| format!("connection {i} to {dst}: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .expect("client namespace")
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.diagnostics()));
+    let maps = lab.maps().expect("pinned maps");
+    let svc = match vip {
+        IpAddr::V4(a) => maps.service_v4(a, AMQP, PROTO_TCP),
+        IpAddr::V6(a) => maps.service_v6(a, AMQP, PROTO_TCP),
+    }
+    .expect("service entry");
+    let mut counts = BTreeMap::new();
+    for (i, mut stream) in streams.into_iter().enumerate() {
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let src = stream.local_addr().unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let hello = read_line(&mut reader, src);
+        let parts: Vec<&str> = hello.split(' ').collect();
+        assert!(
+            parts.len() == 4 && parts[0] == "HELLO",
+            "bad greeting {hello:?}"
+        );
+        assert_eq!(parts[2], dst.to_string(), "the backend accepted on the VIP");
+        assert_eq!(parts[3], src.to_string(), "the backend sees the client");
+        let want = maps
+            .predict_any(&svc, src, dst, PROTO_TCP)
+            .expect("predict");
+        let want = &lab.backend_by_ip(want).expect("predicted backend").name;
+        assert_eq!(
+            parts[1], want,
+            "flow {src} landed on {} but the ring says {want}",
+            parts[1]
+        );
+        stream
+            .write_all(format!("msg {i}\n").as_bytes())
+            .expect("send");
+        assert_eq!(
+            read_line(&mut reader, src),
+            format!("{want} msg {i}"),
+            "flow {src} kept its backend"
+        );
+        *counts.entry(parts[1].to_string()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// 60 IPv6 TCP connections to [VIP6]:5672 over IPv6 backends (6-in-6): each
+/// on the predicted backend, exchanging data; the spread reaches every backend.
+fn tcp6_flows_predicted(mode: XdpMode) {
+    let mut lab = start_lab(mode);
+    lab.serve_tcp6(AMQP).expect("backend TCP servers");
+    let backends: Vec<IpAddr> = lab.backends.iter().map(|b| IpAddr::V6(b.v6())).collect();
+    service(&lab, "amqp6", vip6(&lab), AMQP, "tcp", &backends);
+    let counts = tcp_flows(&lab, vip6(&lab), 60);
+    eprintln!("IPv6 connections per backend: {counts:?}");
+    // 60 flows over 3 equal backends: P(one gets none) = 3 * (2/3)^60 ≈ 8e-11.
+    assert_eq!(counts.len(), 3, "every backend took flows: {counts:?}");
+}
+
+#[test]
+fn tcp6_flows_predicted_skb() {
+    if require_root("tcp6_flows_predicted_skb") {
+        tcp6_flows_predicted(XdpMode::Skb);
+    }
+}
+
+#[test]
+fn tcp6_flows_predicted_native() {
+    if require_root("tcp6_flows_predicted_native") {
+        tcp6_flows_predicted(XdpMode::Native);
+    }
+}
+
+/// 60 IPv6 UDP flows, three datagrams each, answered from the VIP by the
+/// predicted backend.
+#[test]
+fn udp6_flows_predicted() {
+    if !require_root("udp6_flows_predicted") {
+        return;
+    }
+    let mut lab = start_lab(XdpMode::Skb);
+    lab.serve_udp6(MEDIA).expect("backend UDP servers");
+    let backends: Vec<IpAddr> = lab.backends.iter().map(|b| IpAddr::V6(b.v6())).collect();
+    let vip = vip6(&lab);
+    service(&lab, "media6", vip, MEDIA, "udp", &backends);
+    const FLOWS: usize = 60;
+    let (client, dst) = (lab.client.v6(), SocketAddr::new(vip, MEDIA));
+    let sockets = lab
+        .client
+        .run(move || {
+            (0..FLOWS)
+                .map(|_| {
+                    let s = UdpSocket::bind((client, 0))?;
+                    s.connect(dst)?;
+                    s.set_read_timeout(Some(IO_TIMEOUT))?;
+                    Ok(s)
+                })
+                .collect::<std::io::Result<Vec<_>>>()
+        })
+        .expect("client namespace")
+        .expect("client UDP sockets");
+    let maps = lab.maps().expect("pinned maps");
+    let svc = maps
+        .service_v6(lab.vip6.unwrap(), MEDIA, PROTO_UDP)
+        .expect("service");
+    let mut counts = BTreeMap::<String, usize>::new();
+    for (i, s) in sockets.iter().enumerate() {
+        let src = s.local_addr().unwrap();
+        let want = maps
+            .predict_any(&svc, src, dst, PROTO_UDP)
+            .expect("predict");
+        let want = &lab.backend_by_ip(want).expect("predicted backend").name;
+        for k in 0..3 {
+            let msg = format!("flow {i} datagram {k}");
+            s.send(msg.as_bytes()).expect("send");
+            let mut buf = [0u8; 2048];
+            let n = s
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no reply on {src}: {e}\n{}", lab.diagnostics()));
+            let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+            assert_eq!(reply, format!("{want} {src} {msg}"), "flow {src}");
+        }
+        *counts.entry(want.clone()).or_insert(0) += 1;
+    }
+    eprintln!("IPv6 UDP flows per backend: {counts:?}");
+    assert_eq!(counts.len(), 3, "every backend took flows: {counts:?}");
+}
+
+/// Mixed families: the IPv4 VIP over IPv6 backends (4-in-6) and the IPv6 VIP
+/// over IPv4 backends (6-in-4), 30 predicted TCP connections each.
+#[test]
+fn mixed_family_tunnels() {
+    if !require_root("mixed_family_tunnels") {
+        return;
+    }
+    let mut lab = start_lab(XdpMode::Skb);
+    lab.serve_tcp(AMQP).expect("IPv4 VIP servers");
+    lab.serve_tcp6(AMQP).expect("IPv6 VIP servers");
+    let v6: Vec<IpAddr> = lab.backends.iter().map(|b| IpAddr::V6(b.v6())).collect();
+    let v4: Vec<IpAddr> = lab.backends.iter().map(|b| IpAddr::V4(b.addr)).collect();
+    service(&lab, "four-in-six", IpAddr::V4(lab.vip), AMQP, "tcp", &v6);
+    service(&lab, "six-in-four", vip6(&lab), AMQP, "tcp", &v4);
+    let c46 = tcp_flows(&lab, IpAddr::V4(lab.vip), 30);
+    let c64 = tcp_flows(&lab, vip6(&lab), 30);
+    eprintln!("4-in-6: {c46:?}; 6-in-4: {c64:?}");
+    assert_eq!(c46.values().sum::<usize>(), 30);
+    assert_eq!(c64.values().sum::<usize>(), 30);
+}
