@@ -40,8 +40,7 @@ use nix::unistd::Pid;
 use std::collections::BTreeSet;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{
-    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
-    UdpSocket,
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket,
 };
 use std::os::fd::AsRawFd as _;
 use std::os::unix::process::CommandExt as _;
@@ -759,12 +758,7 @@ impl Lab {
         proto: &str,
         hash: Option<&str>,
     ) -> Result<()> {
-        let vip = format!("{}:{port}", self.vip);
-        let mut args = vec!["service", "add", name, "--vip", &vip, "--proto", proto];
-        if let Some(h) = hash {
-            args.extend(["--hash", h]);
-        }
-        self.mqlb(&args).map(drop)
+        self.add_service_at(name, SocketAddr::from((self.vip, port)), proto, hash)
     }
 
     /// `mqlb service add NAME --vip [VIP6]:PORT --proto P [--hash H]`.
@@ -775,15 +769,30 @@ impl Lab {
         proto: &str,
         hash: Option<&str>,
     ) -> Result<()> {
-        let vip6 = self
-            .vip6
-            .context("the lab has no IPv6 VIP: start it with ipv6")?;
-        let vip = format!("[{vip6}]:{port}");
+        self.add_service_at(name, SocketAddr::from((self.vip6()?, port)), proto, hash)
+    }
+
+    /// `mqlb service add NAME --vip VIP --proto P [--hash H]` (`[ADDR]:PORT`
+    /// for IPv6, as `SocketAddr` prints it).
+    fn add_service_at(
+        &self,
+        name: &str,
+        vip: SocketAddr,
+        proto: &str,
+        hash: Option<&str>,
+    ) -> Result<()> {
+        let vip = vip.to_string();
         let mut args = vec!["service", "add", name, "--vip", &vip, "--proto", proto];
         if let Some(h) = hash {
             args.extend(["--hash", h]);
         }
         self.mqlb(&args).map(drop)
+    }
+
+    /// The lab's IPv6 VIP, or an error when it was started without IPv6.
+    fn vip6(&self) -> Result<Ipv6Addr> {
+        self.vip6
+            .context("the lab has no IPv6 VIP: start it with ipv6")
     }
 
     /// `mqlb backend add SERVICE IP6` for backend `b` (its IPv6 address).
@@ -833,23 +842,16 @@ impl Lab {
     /// `L` gets `<name> L` back; `BULK n` then n bytes gets
     /// `<name> BULK n <fnv1a64 hex>`.
     pub fn serve_tcp(&mut self, port: u16) -> Result<()> {
-        for b in &self.backends {
-            let addr = SocketAddrV4::new(self.vip, port);
-            let listener = b
-                .run(move || TcpListener::bind(addr))?
-                .with_context(|| format!("cannot listen on {addr} in {}", b.ns))?;
-            self.servers.push(Server::tcp(b.name.clone(), listener)?);
-        }
-        Ok(())
+        self.serve_tcp_at(SocketAddr::from((self.vip, port)))
     }
 
     /// [`Lab::serve_tcp`] on `[VIP6]:port`.
     pub fn serve_tcp6(&mut self, port: u16) -> Result<()> {
-        let vip6 = self
-            .vip6
-            .context("the lab has no IPv6 VIP: start it with ipv6")?;
+        self.serve_tcp_at(SocketAddr::from((self.vip6()?, port)))
+    }
+
+    fn serve_tcp_at(&mut self, addr: SocketAddr) -> Result<()> {
         for b in &self.backends {
-            let addr = SocketAddrV6::new(vip6, port, 0, 0);
             let listener = b
                 .run(move || TcpListener::bind(addr))?
                 .with_context(|| format!("cannot listen on {addr} in {}", b.ns))?;
@@ -860,24 +862,17 @@ impl Lab {
 
     /// [`Lab::serve_udp`] on `[VIP6]:port`.
     pub fn serve_udp6(&mut self, port: u16) -> Result<()> {
-        let vip6 = self
-            .vip6
-            .context("the lab has no IPv6 VIP: start it with ipv6")?;
-        for b in &self.backends {
-            let addr = SocketAddrV6::new(vip6, port, 0, 0);
-            let socket = b
-                .run(move || UdpSocket::bind(addr))?
-                .with_context(|| format!("cannot bind {addr} in {}", b.ns))?;
-            self.servers.push(Server::udp(b.name.clone(), socket)?);
-        }
-        Ok(())
+        self.serve_udp_at(SocketAddr::from((self.vip6()?, port)))
     }
 
     /// Starts a UDP server on `VIP:port` in every backend, bound to the VIP
     /// so replies leave from it: each datagram `P` gets `<name> <client addr> P`.
     pub fn serve_udp(&mut self, port: u16) -> Result<()> {
+        self.serve_udp_at(SocketAddr::from((self.vip, port)))
+    }
+
+    fn serve_udp_at(&mut self, addr: SocketAddr) -> Result<()> {
         for b in &self.backends {
-            let addr = SocketAddrV4::new(self.vip, port);
             let socket = b
                 .run(move || UdpSocket::bind(addr))?
                 .with_context(|| format!("cannot bind {addr} in {}", b.ns))?;
@@ -1258,9 +1253,6 @@ impl LbMaps {
         match (src, dst) {
             (SocketAddr::V4(s), SocketAddr::V4(d)) => self.predict_id(svc, s, d, proto),
             (SocketAddr::V6(s), SocketAddr::V6(d)) => {
-                if svc.ring_size == 0 {
-                    bail!("service {dst} has an empty ring");
-                }
                 let hash = flow_hash_v6(
                     svc.seed,
                     HashMode::from_u8(svc.hash_mode),
@@ -1270,10 +1262,7 @@ impl LbMaps {
                     d.port(),
                     proto,
                 );
-                let slot = svc.ring_base + ring_slot(hash, svc.ring_size);
-                self.rings
-                    .get(&slot, 0)
-                    .with_context(|| format!("cannot read RINGS[{slot}]"))
+                self.ring_pick(svc, hash, dst)
             }
             _ => bail!("flow {src} -> {dst} mixes address families"),
         }
@@ -1324,9 +1313,6 @@ impl LbMaps {
         dst: SocketAddrV4,
         proto: u8,
     ) -> Result<u32> {
-        if svc.ring_size == 0 {
-            bail!("service {dst} has an empty ring");
-        }
         let hash = flow_hash_v4(
             svc.seed,
             HashMode::from_u8(svc.hash_mode),
@@ -1336,6 +1322,14 @@ impl LbMaps {
             dst.port(),
             proto,
         );
+        self.ring_pick(svc, hash, SocketAddr::V4(dst))
+    }
+
+    /// The backend id in the live ring's slot for flow hash `hash`.
+    fn ring_pick(&self, svc: &ServiceValue, hash: u32, dst: SocketAddr) -> Result<u32> {
+        if svc.ring_size == 0 {
+            bail!("service {dst} has an empty ring");
+        }
         let slot = svc.ring_base + ring_slot(hash, svc.ring_size);
         self.rings
             .get(&slot, 0)

@@ -8,6 +8,7 @@ pub mod bench_maglev;
 pub mod bench_react;
 pub mod bench_report;
 pub mod bench_util;
+pub mod conn;
 pub mod frames;
 pub mod lab;
 pub mod media;

@@ -10,19 +10,18 @@ use lb_common::{
     maglev::{self, MaglevBackend},
     v4_mapped, Counter, PROTO_TCP, PROTO_UDP,
 };
+use mqlb_tests::conn::{self, Conn};
 use mqlb_tests::lab::{find_counter, fnv1a64, wait_for, Lab, LabConfig, XdpMode, FNV_OFFSET};
 use mqlb_tests::privileged::require_root;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const AMQP: u16 = 5672;
 const MEDIA: u16 = 5004;
-/// Per-operation socket timeout: generous, only reached when a flow is lost.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a config change gets to reach the live Maglev ring.
 const RING_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -68,40 +67,6 @@ fn wait_ring(lab: &Lab, port: u16, proto: u8, names: &[&str]) {
     .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()));
 }
 
-/// One client TCP connection through the VIP and the backend that took it.
-struct Conn {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-    /// The client's side of the flow (what the LB hashes).
-    src: SocketAddrV4,
-    /// Backend name from the server's greeting.
-    backend: String,
-}
-
-impl Conn {
-    /// Sends `msg`, returns the name of the backend that echoed it.
-    fn ask(&mut self, msg: &str) -> String {
-        self.stream
-            .write_all(format!("{msg}\n").as_bytes())
-            .unwrap_or_else(|e| panic!("send on {} ({}): {e}", self.src, self.backend));
-        let line = read_line(&mut self.reader, self.src);
-        let (name, echoed) = line
-            .split_once(' ')
-            .unwrap_or_else(|| panic!("bad reply {line:?}"));
-        assert_eq!(echoed, msg, "flow {} got someone else's answer", self.src);
-        name.to_string()
-    }
-}
-
-fn read_line(reader: &mut BufReader<TcpStream>, src: SocketAddrV4) -> String {
-    let mut line = String::new();
-    let n = reader
-        .read_line(&mut line)
-        .unwrap_or_else(|e| panic!("no answer on flow {src} within {IO_TIMEOUT:?}: {e}"));
-    assert!(n > 0, "flow {src} closed by the far end");
-    line.trim_end().to_string()
-}
-
 fn v4(addr: SocketAddr) -> SocketAddrV4 {
     match addr {
         SocketAddr::V4(a) => a,
@@ -109,52 +74,10 @@ fn v4(addr: SocketAddr) -> SocketAddrV4 {
     }
 }
 
-/// Opens `n` connections to VIP:5672 from the client namespace, reads each
-/// greeting and checks that the server saw the client's own address (no
-/// NAT: DSR keeps the client tuple) on the VIP.
+/// Opens `n` connections to VIP:5672 from the client namespace (greetings
+/// checked: accepted on the VIP, the client's own address seen).
 fn open_conns(lab: &Lab, n: usize) -> Vec<Conn> {
-    let vip = SocketAddr::from((lab.vip, AMQP));
-    let streams = lab
-        .client
-        .run(move || {
-            (0..n)
-                .map(|i| {
-                    TcpStream::connect_timeout(&vip, IO_TIMEOUT)
-                        .map_err(|e| format!("connection {i} to {vip}: {e}"))
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .expect("client namespace")
-        .unwrap_or_else(|e| panic!("{e}\n{}", lab.diagnostics()));
-    streams
-        .into_iter()
-        .map(|stream| {
-            stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-            // One segment per message, no Nagle wait for the previous ACK.
-            stream.set_nodelay(true).unwrap();
-            stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-            let src = v4(stream.local_addr().unwrap());
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let hello = read_line(&mut reader, src);
-            let parts: Vec<&str> = hello.split(' ').collect();
-            assert!(
-                parts.len() == 4 && parts[0] == "HELLO",
-                "bad greeting {hello:?}"
-            );
-            assert_eq!(parts[2], vip.to_string(), "the backend accepted on the VIP");
-            assert_eq!(
-                parts[3],
-                src.to_string(),
-                "the backend sees the client's own address and port"
-            );
-            Conn {
-                stream,
-                reader,
-                src,
-                backend: parts[1].to_string(),
-            }
-        })
-        .collect()
+    conn::open_conns(lab, SocketAddr::from((lab.vip, AMQP)), n)
 }
 
 /// Asserts that every connection landed where the live ring says.
@@ -163,7 +86,9 @@ fn assert_predicted(lab: &Lab, conns: &[Conn]) {
     let svc = maps.service_v4(lab.vip, AMQP, PROTO_TCP).expect("service");
     let dst = SocketAddrV4::new(lab.vip, AMQP);
     for c in conns {
-        let addr = maps.predict(&svc, c.src, dst, PROTO_TCP).expect("predict");
+        let addr = maps
+            .predict(&svc, v4(c.src), dst, PROTO_TCP)
+            .expect("predict");
         let want = &lab.backend_by_addr(addr).expect("predicted backend").name;
         assert_eq!(
             &c.backend, want,
@@ -481,7 +406,7 @@ fn one_mib_through_vip_with_pmtu(mode: XdpMode) {
             lab.diagnostics()
         )
     });
-    let reply = read_line(&mut conn.reader, conn.src);
+    let reply = conn.line();
     let want = format!(
         "{} BULK {LEN} {:016x}",
         conn.backend,

@@ -7,11 +7,11 @@
 //! changes nothing.
 
 use lb_common::{backend_state, PROTO_TCP};
+use mqlb_tests::conn::{self, Conn};
 use mqlb_tests::lab::{wait_for, Lab, LabConfig, XdpMode};
 use mqlb_tests::privileged::require_root;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -19,80 +19,17 @@ use std::time::Duration;
 const AMQP: u16 = 5672;
 /// A small prime ring: quick to read back slot by slot.
 const RING: usize = 1021;
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const RING_DEADLINE: Duration = Duration::from_secs(10);
-
-/// One client TCP connection through the VIP and the backend that took it.
-struct Conn {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-    src: SocketAddrV4,
-    backend: String,
-}
-
-impl Conn {
-    fn line(&mut self) -> String {
-        let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
-            .unwrap_or_else(|e| panic!("no answer on flow {}: {e}", self.src));
-        assert!(n > 0, "flow {} closed by the far end", self.src);
-        line.trim_end().to_string()
-    }
-
-    /// Sends `msg`; asserts the backend that took the flow echoes it.
-    fn ask(&mut self, msg: &str) {
-        self.stream
-            .write_all(format!("{msg}\n").as_bytes())
-            .unwrap_or_else(|e| panic!("send on {}: {e}", self.src));
-        let line = self.line();
-        assert_eq!(
-            line,
-            format!("{} {msg}", self.backend),
-            "flow {} moved or lost its answer",
-            self.src
-        );
-    }
-}
 
 /// `n` connections to VIP:5672 from the client, each with its greeting read.
 fn open_conns(lab: &Lab, n: usize) -> Vec<Conn> {
-    let vip = SocketAddr::from((lab.vip, AMQP));
-    let streams = lab
-        .client
-        .run(move || {
-            (0..n)
-                .map(|_| TcpStream::connect_timeout(&vip, IO_TIMEOUT))
-                .collect::<std::io::Result<Vec<_>>>()
-        })
-        .expect("client namespace")
-        .unwrap_or_else(|e| panic!("connect to {vip}: {e}\n{}", lab.diagnostics()));
-    streams
-        .into_iter()
-        .map(|stream| {
-            stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-            stream.set_nodelay(true).unwrap();
-            let SocketAddr::V4(src) = stream.local_addr().unwrap() else {
-                panic!("not ipv4")
-            };
-            let reader = BufReader::new(stream.try_clone().unwrap());
-            let mut c = Conn {
-                stream,
-                reader,
-                src,
-                backend: String::new(),
-            };
-            let hello = c.line();
-            let parts: Vec<&str> = hello.split(' ').collect();
-            assert!(
-                parts.len() == 4 && parts[0] == "HELLO",
-                "bad greeting {hello:?}"
-            );
-            c.backend = parts[1].to_string();
-            c
-        })
-        .collect()
+    conn::open_conns(lab, SocketAddr::from((lab.vip, AMQP)), n)
+}
+
+/// Sends `msg` on `c`; asserts the backend that took the flow echoes it.
+fn ask(c: &mut Conn, msg: &str) {
+    let name = c.ask(msg);
+    assert_eq!(name, c.backend, "flow {} moved to {name}", c.src);
 }
 
 fn addr(lab: &Lab, name: &str) -> Ipv4Addr {
@@ -127,10 +64,12 @@ fn wait_ring(lab: &Lab, names: &[&str]) -> BTreeMap<Ipv4Addr, usize> {
 fn assert_predicted(lab: &Lab, conns: &[Conn]) {
     let maps = lab.maps().expect("pinned maps");
     let svc = maps.service_v4(lab.vip, AMQP, PROTO_TCP).expect("service");
-    let dst = SocketAddrV4::new(lab.vip, AMQP);
+    let dst = SocketAddr::from((lab.vip, AMQP));
     for c in conns {
-        let a = maps.predict(&svc, c.src, dst, PROTO_TCP).expect("predict");
-        let want = &lab.backend_by_addr(a).expect("predicted backend").name;
+        let a = maps
+            .predict_any(&svc, c.src, dst, PROTO_TCP)
+            .expect("predict");
+        let want = &lab.backend_by_ip(a).expect("predicted backend").name;
         assert_eq!(
             &c.backend, want,
             "flow {} is not where the ring says",
@@ -227,7 +166,7 @@ fn apply_file_export_and_edit(mode: XdpMode) {
     let mut conns = open_conns(&lab, 60);
     assert_predicted(&lab, &conns);
     for (i, c) in conns.iter_mut().enumerate() {
-        c.ask(&format!("one {i}"));
+        ask(c, &format!("one {i}"));
     }
 
     // export → apply: nothing to do.
@@ -278,7 +217,7 @@ fn apply_file_export_and_edit(mode: XdpMode) {
     );
     // Every established flow stays where it was, b1's included.
     for (i, c) in conns.iter_mut().enumerate() {
-        c.ask(&format!("two {i}"));
+        ask(c, &format!("two {i}"));
     }
     let fresh = open_conns(&lab, 20);
     assert_predicted(&lab, &fresh);

@@ -10,13 +10,14 @@
 //! Chromium is required (`cargo xtask setup` installs Debian's `chromium`):
 //! without it the test fails, it never skips.
 
+use mqlb_tests::conn;
 use mqlb_tests::lab::{log_tail, wait_for, Lab, LabConfig, Node};
 use mqlb_tests::privileged::require_root;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{BufRead as _, Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -357,30 +358,15 @@ struct Traffic {
 
 impl Traffic {
     fn start(lab: &Lab, n: usize) -> Traffic {
-        let vip = SocketAddr::from((lab.vip, AMQP));
-        let streams = lab
-            .client
-            .run(move || {
-                (0..n)
-                    .map(|_| TcpStream::connect_timeout(&vip, IO_TIMEOUT))
-                    .collect::<std::io::Result<Vec<_>>>()
-            })
-            .expect("client namespace")
-            .unwrap_or_else(|e| panic!("connecting to {vip}: {e}\n{}", lab.diagnostics()));
+        let conns = conn::open_conns(lab, SocketAddr::from((lab.vip, AMQP)), n);
         let mut backends = BTreeMap::new();
-        let mut conns = Vec::new();
-        for s in streams {
-            s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-            s.set_nodelay(true).unwrap();
-            let mut reader = BufReader::new(s.try_clone().unwrap());
-            let mut hello = String::new();
-            reader.read_line(&mut hello).unwrap();
-            // `HELLO <name> <vip> <client>`
-            let name = hello.split(' ').nth(1).unwrap_or_default().to_string();
-            assert!(hello.starts_with("HELLO "), "bad greeting {hello:?}");
-            *backends.entry(name.clone()).or_insert(0) += 1;
-            conns.push((s, reader, name));
+        for c in &conns {
+            *backends.entry(c.backend.clone()).or_insert(0) += 1;
         }
+        let mut conns: Vec<_> = conns
+            .into_iter()
+            .map(|c| (c.stream, c.reader, c.backend))
+            .collect();
         let stop = Arc::new(AtomicBool::new(false));
         let st = stop.clone();
         let thread = std::thread::spawn(move || {

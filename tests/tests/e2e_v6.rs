@@ -9,16 +9,15 @@
 //! against the backend that greeted. Every wait polls a condition.
 
 use lb_common::{backend_flags, PROTO_TCP, PROTO_UDP};
+use mqlb_tests::conn::{self, IO_TIMEOUT};
 use mqlb_tests::lab::{wait_for, Lab, LabConfig, XdpMode};
 use mqlb_tests::privileged::require_root;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
 const AMQP: u16 = 5672;
 const MEDIA: u16 = 5004;
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const RING_DEADLINE: Duration = Duration::from_secs(10);
 
 fn start_lab(mode: XdpMode) -> Lab {
@@ -96,33 +95,13 @@ fn wait_nexthops(lab: &Lab, backends: &[IpAddr]) {
     .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()));
 }
 
-fn read_line(reader: &mut BufReader<TcpStream>, src: SocketAddr) -> String {
-    let mut line = String::new();
-    let n = reader
-        .read_line(&mut line)
-        .unwrap_or_else(|e| panic!("no answer on flow {src} within {IO_TIMEOUT:?}: {e}"));
-    assert!(n > 0, "flow {src} closed by the far end");
-    line.trim_end().to_string()
-}
-
-/// Opens `n` TCP connections from the client to `vip:AMQP`; checks each
-/// greeting (accepted on the VIP, the client's own address seen: DSR, no
-/// NAT), that the backend is the one the ring predicts, and one exchange.
-/// Returns connections per backend name.
+/// Opens `n` TCP connections from the client to `vip:AMQP` (greetings
+/// checked: accepted on the VIP, the client's own address seen: DSR, no
+/// NAT); checks that each backend is the one the ring predicts, and one
+/// exchange. Returns connections per backend name.
 fn tcp_flows(lab: &Lab, vip: IpAddr, n: usize) -> BTreeMap<String, usize> {
     let dst = SocketAddr::new(vip, AMQP);
-    let streams = lab
-        .client
-        .run(move || {
-            (0..n)
-                .map(|i| {
-                    TcpStream::connect_timeout(&dst, IO_TIMEOUT)
-                        .map_err(|e| format!("connection {i} to {dst}: {e}"))
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .expect("client namespace")
-        .unwrap_or_else(|e| panic!("{e}\n{}", lab.diagnostics()));
+    let conns = conn::open_conns(lab, dst, n);
     let maps = lab.maps().expect("pinned maps");
     let svc = match vip {
         IpAddr::V4(a) => maps.service_v4(a, AMQP, PROTO_TCP),
@@ -130,37 +109,23 @@ fn tcp_flows(lab: &Lab, vip: IpAddr, n: usize) -> BTreeMap<String, usize> {
     }
     .expect("service entry");
     let mut counts = BTreeMap::new();
-    for (i, mut stream) in streams.into_iter().enumerate() {
-        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        stream.set_nodelay(true).unwrap();
-        let src = stream.local_addr().unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let hello = read_line(&mut reader, src);
-        let parts: Vec<&str> = hello.split(' ').collect();
-        assert!(
-            parts.len() == 4 && parts[0] == "HELLO",
-            "bad greeting {hello:?}"
-        );
-        assert_eq!(parts[2], dst.to_string(), "the backend accepted on the VIP");
-        assert_eq!(parts[3], src.to_string(), "the backend sees the client");
+    for (i, mut c) in conns.into_iter().enumerate() {
         let want = maps
-            .predict_any(&svc, src, dst, PROTO_TCP)
+            .predict_any(&svc, c.src, dst, PROTO_TCP)
             .expect("predict");
         let want = &lab.backend_by_ip(want).expect("predicted backend").name;
         assert_eq!(
-            parts[1], want,
-            "flow {src} landed on {} but the ring says {want}",
-            parts[1]
+            &c.backend, want,
+            "flow {} landed on {} but the ring says {want}",
+            c.src, c.backend
         );
-        stream
-            .write_all(format!("msg {i}\n").as_bytes())
-            .expect("send");
         assert_eq!(
-            read_line(&mut reader, src),
-            format!("{want} msg {i}"),
-            "flow {src} kept its backend"
+            &c.ask(&format!("msg {i}")),
+            want,
+            "flow {} kept its backend",
+            c.src
         );
-        *counts.entry(parts[1].to_string()).or_insert(0) += 1;
+        *counts.entry(c.backend).or_insert(0) += 1;
     }
     counts
 }
