@@ -602,7 +602,9 @@ impl RabbitLab {
     }
 
     /// The client ends (peer address and port) of the AMQP connections node
-    /// `name` has, from `rabbitmqctl list_connections`.
+    /// `name` has, from `rabbitmqctl list_connections`. The daemon's own
+    /// `--check amqp` probes (from the LB's address, a few milliseconds each)
+    /// are left out: one caught open would look like a stray client.
     pub fn broker_connections(&self, name: &str) -> Result<BTreeSet<SocketAddrV4>> {
         let text = self.rabbitmqctl(
             name,
@@ -628,6 +630,7 @@ impl RabbitLab {
                         .with_context(|| format!("peer_port in {l:?}"))?,
                 ))
             })
+            .filter(|peer| !matches!(peer, Ok(p) if *p.ip() == self.lab.lb.addr))
             .collect()
     }
 
