@@ -753,7 +753,7 @@ fn try_forward_slow(ctx: &XdpContext, inner: &Inner, be: &Backend) -> Result<Sen
         if !encap_fits(inner.len, be.mtu, hdr) {
             return Ok(SENT_TOO_BIG | encap_client_mtu(be.mtu, hdr) as u32);
         }
-        encap(ctx, inner, be, v6, EthAddrs::of_backend(be))?;
+        encap(ctx, inner, be, v6, Some(EthAddrs::of_backend(be)))?;
         return Ok(send(ctx, be.ifindex));
     }
     count(Counter::FibLookup);
@@ -792,13 +792,16 @@ fn try_forward_slow(ctx: &XdpContext, inner: &Inner, be: &Backend) -> Result<Sen
     };
     match rc as u32 {
         aya_ebpf::bindings::BPF_FIB_LKUP_RET_SUCCESS => {
-            encap(ctx, inner, be, v6, EthAddrs::new(&p.dmac, &p.smac))?;
+            encap(ctx, inner, be, v6, Some(EthAddrs::new(&p.dmac, &p.smac)))?;
             Ok(send(ctx, p.ifindex))
         }
         // The MAC is unknown: hand the encapsulated packet to the kernel,
-        // which resolves the neighbour.
+        // which resolves the neighbour. It keeps the frame's own Ethernet
+        // addresses: sent to this host's MAC, the stack takes it as
+        // PACKET_HOST and forwards it (any other destination MAC makes it
+        // PACKET_OTHERHOST, which IPv4 and IPv6 input drop).
         aya_ebpf::bindings::BPF_FIB_LKUP_RET_NO_NEIGH => {
-            encap(ctx, inner, be, v6, EthAddrs(0, 0, 0, 0))?;
+            encap(ctx, inner, be, v6, KEEP_MACS)?;
             count(Counter::NexthopPass);
             Ok(xdp_action::XDP_PASS)
         }
@@ -809,6 +812,9 @@ fn try_forward_slow(ctx: &XdpContext, inner: &Inner, be: &Backend) -> Result<Sen
         _ => Err(DropReason::NoRoute),
     }
 }
+
+/// `encap`'s MACs when the frame keeps its own Ethernet addresses.
+const KEEP_MACS: Option<EthAddrs> = None;
 
 /// Offsets of the IPv4 address inside the IPv4-mapped `Backend::addr` and
 /// `Backend::outer_src`.
@@ -823,7 +829,7 @@ fn encap(
     inner: &Inner,
     be: &Backend,
     v6: bool,
-    macs: EthAddrs,
+    macs: Option<EthAddrs>,
 ) -> Result<(), DropReason> {
     let hdr = outer_len(v6) as i32;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -hdr) } != 0 {
@@ -833,6 +839,22 @@ fn encap(
     // 4 bytes of ports, so the grown frame holds Ethernet and an IPv6 header.
     let Some(out) = Bytes::<{ ETH_LEN + IPV6_LEN }>::at(ctx, 0) else {
         return Err(DropReason::AdjustFailed);
+    };
+    let macs = match macs {
+        Some(m) => m,
+        // The frame's Ethernet header now starts after the outer one.
+        None if v6 => EthAddrs(
+            out.u16::<40>(),
+            out.u32::<42>(),
+            out.u32::<46>(),
+            out.u16::<50>(),
+        ),
+        None => EthAddrs(
+            out.u16::<20>(),
+            out.u32::<22>(),
+            out.u32::<26>(),
+            out.u16::<30>(),
+        ),
     };
     out.set_u16::<0>(macs.0);
     out.set_u32::<2>(macs.1);

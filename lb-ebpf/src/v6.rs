@@ -183,7 +183,7 @@ fn forward6(ctx: &XdpContext, inner: &Inner, be: &Backend) -> Result<u32, DropRe
     if !encap_fits(inner.len, be.mtu, hdr) {
         return too_big6(ctx, encap_client_mtu(be.mtu, hdr));
     }
-    encap(ctx, inner, be, true, EthAddrs::of_backend(be))?;
+    encap(ctx, inner, be, true, Some(EthAddrs::of_backend(be)))?;
     Ok(send(ctx, be.ifindex))
 }
 

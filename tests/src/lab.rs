@@ -1287,6 +1287,14 @@ impl LbMaps {
             .with_context(|| format!("no BACKENDS entry {id}"))
     }
 
+    /// Overwrites `BACKENDS[id]`: stages a data-plane state the daemon would
+    /// not write while it runs (stop it first).
+    pub fn set_backend(&mut self, id: u32, b: &Backend) -> Result<()> {
+        self.backends
+            .set(id, b, 0)
+            .with_context(|| format!("cannot write BACKENDS[{id}]"))
+    }
+
     /// The id of the `BACKENDS` entry with address `addr`, if any.
     pub fn backend_id(&self, addr: Ipv4Addr) -> Result<Option<u32>> {
         let want = v4_mapped(addr.octets());

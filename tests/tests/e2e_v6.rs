@@ -8,7 +8,7 @@
 //! `lb_common::hash::flow_hash_v4/v6` (what the program runs) and checked
 //! against the backend that greeted. Every wait polls a condition.
 
-use lb_common::{backend_flags, PROTO_TCP, PROTO_UDP};
+use lb_common::{backend_flags, Counter, PROTO_TCP, PROTO_UDP};
 use mqlb_tests::conn::{self, IO_TIMEOUT};
 use mqlb_tests::lab::{wait_for, Lab, LabConfig, XdpMode};
 use mqlb_tests::privileged::require_root;
@@ -72,8 +72,8 @@ fn service(lab: &Lab, name: &str, vip: IpAddr, port: u16, proto: &str, backends:
 }
 
 /// Waits until the daemon cached every backend's next hop (IPv6 routes and
-/// neighbours included), so no test flow takes the unresolved-neighbour
-/// path through the stack, where a lost first UDP datagram is not resent.
+/// neighbours included): these tests check the program's own forwarding;
+/// `first_packets_to_unresolved_neighbours` checks the path through the stack.
 fn wait_nexthops(lab: &Lab, backends: &[IpAddr]) {
     wait_for(
         "every backend's next hop in BACKENDS",
@@ -231,4 +231,111 @@ fn mixed_family_tunnels() {
     eprintln!("4-in-6: {c46:?}; 6-in-4: {c64:?}");
     assert_eq!(c46.values().sum::<usize>(), 30);
     assert_eq!(c64.values().sum::<usize>(), 30);
+}
+
+/// The unresolved-neighbour path of both families: with the daemon stopped
+/// (the program keeps forwarding from its pinned maps), the cached next hops
+/// are cleared from `BACKENDS` and the LB's neighbour entries deleted, so a
+/// new flow's first packet finds no MAC (`bpf_fib_lookup` NO_NEIGH), leaves
+/// the program encapsulated (`nexthop_pass`) and the kernel forwards it once
+/// it has resolved the backend (ARP, neighbour discovery). One UDP datagram
+/// per new flow must be answered: nothing resends a lost first datagram.
+#[test]
+fn first_packets_to_unresolved_neighbours() {
+    if !require_root("first_packets_to_unresolved_neighbours") {
+        return;
+    }
+    let mut lab = start_lab(XdpMode::Skb);
+    lab.serve_udp(MEDIA).expect("IPv4 UDP servers");
+    lab.serve_udp6(MEDIA).expect("IPv6 UDP servers");
+    let v4: Vec<IpAddr> = lab.backends.iter().map(|b| IpAddr::V4(b.addr)).collect();
+    let v6: Vec<IpAddr> = lab.backends.iter().map(|b| IpAddr::V6(b.v6())).collect();
+    service(&lab, "media4", IpAddr::V4(lab.vip), MEDIA, "udp", &v4);
+    service(&lab, "media6", vip6(&lab), MEDIA, "udp", &v6);
+    lab.stop_daemon().expect("stop the daemon");
+
+    for (vip, family, backends) in [(IpAddr::V4(lab.vip), "-4", &v4), (vip6(&lab), "-6", &v6)] {
+        let mut maps = lab.maps().expect("pinned maps");
+        for id in 1..lb_common::MAX_BACKENDS {
+            let Ok(mut entry) = maps.backend(id) else {
+                continue;
+            };
+            if backends.contains(&maps.backend_ip(id).expect("address")) {
+                entry.flags &= !backend_flags::NEXTHOP;
+                maps.set_backend(id, &entry).expect("clear the next hop");
+            }
+        }
+        for b in backends {
+            // Absent already is fine: only the end state matters.
+            let _ = lab
+                .lb
+                .ip(&[family, "neigh", "del", &b.to_string(), "dev", &lab.lb.iface]);
+        }
+        let neigh = lab
+            .lb
+            .ip(&[family, "neigh", "show", "dev", &lab.lb.iface])
+            .unwrap();
+        for b in backends {
+            assert!(
+                !neigh.lines().any(|l| l.starts_with(&format!("{b} "))),
+                "{b} still has a neighbour entry: {neigh}"
+            );
+        }
+        let passed = maps.counter(Counter::NexthopPass).expect("counter");
+        let replies = udp_first_datagrams(&lab, vip, 30);
+        assert_eq!(replies.values().sum::<usize>(), 30, "{vip}: {replies:?}");
+        assert_eq!(
+            replies.len(),
+            backends.len(),
+            "every backend answered: {replies:?}"
+        );
+        let passed = maps.counter(Counter::NexthopPass).expect("counter") - passed;
+        assert!(
+            passed >= backends.len() as u64,
+            "{vip}: each backend's first packet took the stack's path ({passed} did)"
+        );
+        eprintln!("{vip}: {replies:?}, {passed} packets through the stack's neighbour resolution");
+    }
+}
+
+/// `n` new UDP flows to `vip:MEDIA`, one datagram each, each answered by the
+/// predicted backend. Returns answers per backend name.
+fn udp_first_datagrams(lab: &Lab, vip: IpAddr, n: usize) -> BTreeMap<String, usize> {
+    let dst = SocketAddr::new(vip, MEDIA);
+    let client: IpAddr = match vip {
+        IpAddr::V4(_) => IpAddr::V4(lab.client.addr),
+        IpAddr::V6(_) => IpAddr::V6(lab.client.v6()),
+    };
+    let maps = lab.maps().expect("pinned maps");
+    let svc = match vip {
+        IpAddr::V4(a) => maps.service_v4(a, MEDIA, PROTO_UDP),
+        IpAddr::V6(a) => maps.service_v6(a, MEDIA, PROTO_UDP),
+    }
+    .expect("service entry");
+    let mut counts = BTreeMap::new();
+    for i in 0..n {
+        let (src, reply) = lab
+            .client
+            .run(move || -> std::io::Result<(SocketAddr, String)> {
+                let s = UdpSocket::bind((client, 0))?;
+                s.connect(dst)?;
+                s.set_read_timeout(Some(IO_TIMEOUT))?;
+                s.send(format!("first {i}").as_bytes())?;
+                let mut buf = [0u8; 2048];
+                let n = s.recv(&mut buf)?;
+                Ok((
+                    s.local_addr()?,
+                    String::from_utf8_lossy(&buf[..n]).into_owned(),
+                ))
+            })
+            .expect("client namespace")
+            .unwrap_or_else(|e| panic!("flow {i} to {dst}: no answer: {e}\n{}", lab.diagnostics()));
+        let want = maps
+            .predict_any(&svc, src, dst, PROTO_UDP)
+            .expect("predict");
+        let want = &lab.backend_by_ip(want).expect("predicted backend").name;
+        assert_eq!(reply, format!("{want} {src} first {i}"), "flow {src}");
+        *counts.entry(want.clone()).or_insert(0) += 1;
+    }
+    counts
 }

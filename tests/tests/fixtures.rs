@@ -762,6 +762,11 @@ fn uncached_next_hop_falls_back_to_the_fib() {
             &expect_ipip(&input, 2)[14..],
             "passed already encapsulated"
         );
+        assert_eq!(
+            &out[..14],
+            &[&input[..12], &out[12..14]].concat()[..],
+            "the frame keeps its own MACs: addressed to this host, the stack forwards it"
+        );
         assert_eq!(before.counter(&lb.snapshot(), Counter::NexthopPass), 1);
 
         let big = tcp_frame(CLIENT, p1, 5672, ACK, &vec![0u8; 1460]);
