@@ -83,10 +83,11 @@ pub enum Command {
     /// Show which backend a client's flow goes to, and why (conntrack or table)
     ///
     /// Asks the loaded program itself: the daemon builds the packet the
-    /// client would send to the service's VIP (a TCP ACK, so an existing
-    /// conntrack entry is honoured, or a UDP datagram), runs it through the
-    /// XDP program on the live maps with BPF_PROG_TEST_RUN, and names the
-    /// backend from the IPIP packet that comes out.
+    /// client would send to the service's VIP (IPv4 or IPv6, as the VIP; a
+    /// TCP ACK, so an existing conntrack entry is honoured, or a UDP
+    /// datagram), runs it through the XDP program on the live maps with
+    /// BPF_PROG_TEST_RUN, and names the backend from the outer destination
+    /// of the tunnel packet that comes out (IPv4 or IPv6, as the backend).
     ///
     /// Side effects: on a conntrack miss the program inserts an entry for the
     /// probe's flow; the daemon deletes it right after (and puts back an
@@ -98,7 +99,8 @@ pub enum Command {
     Flow {
         /// Service name
         service: String,
-        /// The client's address and source port: IPV4:PORT
+        /// The client's address and source port, of the VIP's family:
+        /// IPV4:PORT or [IPV6]:PORT
         #[arg(long, value_name = "IP:PORT")]
         client: String,
         /// Destination port: one of a port-range service's ports (refused
@@ -1470,7 +1472,7 @@ mod tests {
                 pid: 1,
                 conntrack: crate::metrics::Conntrack {
                     capacity: 1,
-                    entries: None,
+                    ..Default::default()
                 },
                 settings: Default::default(),
                 removed: vec![],
@@ -1642,6 +1644,17 @@ mod tests {
             flow_path("amqp", "10.0.0.2:4000", None),
             "/v1/services/amqp/flow?client=10.0.0.2:4000"
         );
+        let path = flow_path("amqp6", "[fd00:1::2]:4000", Some(5005));
+        assert_eq!(
+            path,
+            "/v1/services/amqp6/flow?client=%5Bfd00:1::2%5D:4000&port=5005"
+        );
+        let query = path.split_once('?').unwrap().1;
+        assert_eq!(
+            crate::api::query_param(query, "client").as_deref(),
+            Some("[fd00:1::2]:4000"),
+            "the daemon reads the client back"
+        );
     }
 
     #[tokio::test]
@@ -1655,8 +1668,12 @@ mod tests {
         };
         let e = run_flow("10.0.0.2").await.unwrap_err().to_string();
         assert!(e.starts_with("bad address \"10.0.0.2\""), "{e}");
-        let e = run_flow("10.0.0.2:40000").await.unwrap_err().to_string();
-        assert!(e.starts_with("mqlb daemon is not running"), "{e}");
+        for good in ["10.0.0.2:40000", "[fd00:1::2]:40000"] {
+            let e = run_flow(good).await.unwrap_err().to_string();
+            assert!(e.starts_with("mqlb daemon is not running"), "{good}: {e}");
+        }
+        let e = run_flow("fd00:1::2").await.unwrap_err().to_string();
+        assert!(e.starts_with("bad address \"fd00:1::2\""), "{e}");
     }
 
     #[test]

@@ -39,7 +39,7 @@ use crate::{
     manifest::{self, ApplyError, ApplyReply, Change, Desired},
     nexthop::{self, Resolver},
     plan::{self, addr16, plan, Applied, DefaultSrc, Hop},
-    probe::{self, FlowReason, FlowView},
+    probe::{self, FlowView},
     state::{
         Backend, BackendSpec, BackendState, BackendUpdate, Service, ServiceSpec, ServiceUpdate,
         State, StateError, StateStore, StoreError,
@@ -533,95 +533,15 @@ impl Core {
         Ok(self.state.service(name)?.clone())
     }
 
-    /// `mqlb flow`: runs the packet `client` would send to the service
-    /// through the loaded program on the live maps and reports where it
-    /// went. Conntrack is read before the run: an entry there that names the
-    /// chosen backend means a conntrack hit. The program inserts an entry
-    /// on a miss; it is removed again (and an entry the run replaced is put
-    /// back) so a probe never pins a later real flow. The probe packet is
-    /// counted like any other (per-CPU counters cannot be undone).
-    ///
-    /// `port` is the destination port (default: the service's port, the
-    /// lowest of a range); one outside the service's ports, or one an
-    /// exact-port service on the same address takes, is refused.
+    /// `mqlb flow`: where the loaded program sends `client`'s flow to the
+    /// service ([`probe::probe`], on the live maps).
     pub fn flow(
         &mut self,
         name: &str,
         client: &str,
         port: Option<u16>,
     ) -> Result<FlowView, CoreError> {
-        let svc = self.state.service(name)?.clone();
-        let client = probe::parse_client(client)?;
-        let IpAddr::V4(vip_ip) = svc.vip.ip() else {
-            return Err(StateError::FlowIpv6Unsupported { service: svc.name }.into());
-        };
-        let port = port.unwrap_or(svc.vip.lo());
-        if !svc.vip.takes(port) {
-            return Err(StateError::PortNotInVip {
-                service: svc.name,
-                vip: svc.vip,
-                port,
-            }
-            .into());
-        }
-        if let Some(other) = self.state.services.iter().find(|o| {
-            o.id != svc.id && o.proto == svc.proto && o.vip.claim() == (svc.vip.ip(), Some(port))
-        }) {
-            return Err(StateError::PortOwnedByExact {
-                service: svc.name,
-                port,
-                other: other.name.clone(),
-                other_vip: other.vip,
-            }
-            .into());
-        }
-        let vip = std::net::SocketAddrV4::new(vip_ip, port);
-        let flow = probe::flow4(client, vip, svc.proto);
-        let frame = probe::build_frame(client, vip, svc.proto);
-        let before = self.dp.ct_get(&flow).map_err(CoreError::Probe)?;
-        let run = self.dp.probe(&frame);
-        let after = self.dp.ct_get(&flow);
-        // Undo the conntrack side effect even when the run failed.
-        let undo = match (before, after.as_ref().ok().copied().flatten()) {
-            (None, Some(_)) => self.dp.ct_del(&flow),
-            (Some(b), a) if a != Some(b) => self.dp.ct_put(&flow, &b),
-            _ => Ok(()),
-        };
-        let (action, out) = run.map_err(CoreError::Probe)?;
-        let after = after.map_err(CoreError::Probe)?;
-        if let Err(e) = undo {
-            warn!(error = %error_chain(&e), "could not undo the conntrack entry of a flow probe");
-        }
-        let backend = probe::ipip_outer_dst(&out);
-        let backend_id = after.map(|e| e.backend).filter(|&id| id != 0).or_else(|| {
-            let addr = IpAddr::V4(backend?);
-            svc.backend(addr).map(|b| b.id).or_else(|| {
-                self.state
-                    .removed
-                    .iter()
-                    .find(|r| r.addr == addr)
-                    .map(|r| r.id)
-            })
-        });
-        let reason = match (backend.is_some() || after.is_some(), action) {
-            (true, _) if before.is_some_and(|b| Some(b.backend) == backend_id) => {
-                FlowReason::Conntrack
-            }
-            (true, _) => FlowReason::Table,
-            (false, 1) => FlowReason::NoBackend,
-            (false, 2) => FlowReason::NotMatched,
-            (false, _) => FlowReason::Unknown,
-        };
-        Ok(FlowView {
-            service: svc.name.clone(),
-            client: client.into(),
-            vip: vip.into(),
-            proto: svc.proto,
-            backend,
-            backend_id,
-            reason,
-            verdict: probe::verdict_name(action),
-        })
+        probe::probe(&self.state, self.dp.as_mut(), name, client, port)
     }
 
     pub fn add_backend(&mut self, service: &str, spec: &BackendSpec) -> Result<Backend, CoreError> {
@@ -1851,7 +1771,10 @@ mod tests {
 
         let v = core.flow("media", "10.0.0.2:40000", None).unwrap();
         assert_eq!(v.vip.to_string(), "10.0.0.10:5004", "the lowest port");
-        assert_eq!((v.backend_id, v.reason), (Some(relay), FlowReason::Table));
+        assert_eq!(
+            (v.backend_id, v.reason),
+            (Some(relay), probe::FlowReason::Table)
+        );
         let v = core.flow("media", "10.0.0.2:40000", Some(5099)).unwrap();
         assert_eq!(v.vip.to_string(), "10.0.0.10:5099");
         assert_eq!(v.backend_id, Some(relay));

@@ -10,8 +10,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
 use lb_common::{
-    names, Backend as MapBackend, Counter, CtEntry, DropReason, Flow4, ServiceKey, ServiceValue,
-    Traffic, MAX_BACKENDS, RANGES_COUNT, RANGE_PORT,
+    names, Backend as MapBackend, Counter, CtEntry, DropReason, Flow4, Flow6, ServiceKey,
+    ServiceValue, Traffic, MAX_BACKENDS, RANGES_COUNT, RANGE_PORT,
 };
 
 use crate::{
@@ -55,6 +55,14 @@ pub struct Counters {
     pub backends: BTreeMap<u32, Traffic>,
 }
 
+/// A conntrack key: the map (`CT4` or `CT6`, by address family) and the
+/// flow in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CtKey {
+    V4(Flow4),
+    V6(Flow6),
+}
+
 /// The maps the daemon writes, and the counters it reads.
 pub trait Dataplane: Send {
     fn read_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, DataplaneError>;
@@ -82,11 +90,11 @@ pub trait Dataplane: Send {
     fn reset_backend_stats(&mut self, id: u32) -> Result<(), DataplaneError>;
     /// Counters of the given service and backend ids.
     fn counters(&self, services: &[u32], backends: &[u32]) -> Result<Counters, DataplaneError>;
-    /// The `CT4` entry of `flow`, if any.
-    fn ct_get(&self, flow: &Flow4) -> Result<Option<CtEntry>, DataplaneError>;
-    fn ct_put(&mut self, flow: &Flow4, entry: &CtEntry) -> Result<(), DataplaneError>;
-    /// Removes the `CT4` entry of `flow` (none is fine).
-    fn ct_del(&mut self, flow: &Flow4) -> Result<(), DataplaneError>;
+    /// The conntrack entry of `key` (in `CT4` or `CT6`), if any.
+    fn ct_get(&self, key: &CtKey) -> Result<Option<CtEntry>, DataplaneError>;
+    fn ct_put(&mut self, key: &CtKey, entry: &CtEntry) -> Result<(), DataplaneError>;
+    /// Removes the conntrack entry of `key` (none is fine).
+    fn ct_del(&mut self, key: &CtKey) -> Result<(), DataplaneError>;
     /// Runs `frame` through the loaded `mqlb` program on the live maps
     /// (`BPF_PROG_TEST_RUN`): its verdict and the frame it leaves. Has the
     /// program's side effects (counters, a conntrack entry on a miss).
@@ -175,6 +183,7 @@ pub struct KernelDataplane {
     svc_stats: PerCpuArray<MapData, Traffic>,
     be_stats: PerCpuArray<MapData, Traffic>,
     ct4: HashMap<MapData, Flow4, CtEntry>,
+    ct6: HashMap<MapData, Flow6, CtEntry>,
     /// A duplicate of the `mqlb` program's fd, for `BPF_PROG_TEST_RUN`.
     prog_fd: OwnedFd,
     nr_cpus: usize,
@@ -221,6 +230,7 @@ impl KernelDataplane {
             svc_stats: take(ebpf, names::SVC_STATS)?,
             be_stats: take(ebpf, names::BE_STATS)?,
             ct4: take(ebpf, names::CT4)?,
+            ct6: take(ebpf, names::CT6)?,
             prog_fd,
             nr_cpus,
         })
@@ -368,24 +378,39 @@ impl Dataplane for KernelDataplane {
         Ok(c)
     }
 
-    fn ct_get(&self, flow: &Flow4) -> Result<Option<CtEntry>, DataplaneError> {
-        match self.ct4.get(flow, 0) {
+    fn ct_get(&self, key: &CtKey) -> Result<Option<CtEntry>, DataplaneError> {
+        let (got, map) = match key {
+            CtKey::V4(flow) => (self.ct4.get(flow, 0), names::CT4),
+            CtKey::V6(flow) => (self.ct6.get(flow, 0), names::CT6),
+        };
+        match got {
             Ok(e) => Ok(Some(e)),
             Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(names::CT4, "read")(e)),
+            Err(e) => Err(map_err(map, "read")(e)),
         }
     }
 
-    fn ct_put(&mut self, flow: &Flow4, entry: &CtEntry) -> Result<(), DataplaneError> {
-        self.ct4
-            .insert(flow, entry, 0)
-            .map_err(map_err(names::CT4, "write"))
+    fn ct_put(&mut self, key: &CtKey, entry: &CtEntry) -> Result<(), DataplaneError> {
+        match key {
+            CtKey::V4(flow) => self
+                .ct4
+                .insert(flow, entry, 0)
+                .map_err(map_err(names::CT4, "write")),
+            CtKey::V6(flow) => self
+                .ct6
+                .insert(flow, entry, 0)
+                .map_err(map_err(names::CT6, "write")),
+        }
     }
 
-    fn ct_del(&mut self, flow: &Flow4) -> Result<(), DataplaneError> {
-        match self.ct4.remove(flow) {
+    fn ct_del(&mut self, key: &CtKey) -> Result<(), DataplaneError> {
+        let (removed, map) = match key {
+            CtKey::V4(flow) => (self.ct4.remove(flow), names::CT4),
+            CtKey::V6(flow) => (self.ct6.remove(flow), names::CT6),
+        };
+        match removed {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(names::CT4, "delete")(e)),
+            Err(e) => Err(map_err(map, "delete")(e)),
         }
     }
 
@@ -528,9 +553,14 @@ pub struct MemDataplane {
     /// Every value `RANGES[RANGES_COUNT]` was set to, in order.
     pub ranges_writes: Vec<u32>,
     pub counters: Counters,
+    /// `CT4`.
     pub ct: StdHashMap<Flow4, CtEntry>,
-    /// Outer source address of the IPIP packets [`Dataplane::probe`] makes.
+    /// `CT6`.
+    pub ct6: StdHashMap<Flow6, CtEntry>,
+    /// Outer source address of the IPv4 tunnel packets [`Dataplane::probe`] makes.
     pub outer_src: [u8; 4],
+    /// Outer source address of the IPv6 tunnel packets [`Dataplane::probe`] makes.
+    pub outer_src6: [u8; 16],
     /// Number of writes so far.
     pub writes: usize,
     /// Fail every write once `writes` reaches this.
@@ -557,26 +587,19 @@ impl MemDataplane {
     }
 
     /// What the program does with `frame`, roughly: conntrack, else the
-    /// ring at a hash of the ports (not the program's hash); IPIP out.
+    /// ring at a hash of the ports (not the program's hash); a tunnel out,
+    /// its outer header of the backend's family (4-in-4, 6-in-4, 4-in-6,
+    /// 6-in-6).
     fn fake_run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        use lb_common::packet::{ip4_outer_words, ip6_outer, ipv6_tc, ETH_LEN};
         const PASS: u32 = 2;
         const DROP: u32 = 1;
         const REDIRECT: u32 = 4;
-        let (eth, ip) = (lb_common::packet::ETH_LEN, lb_common::packet::IPV4_LEN);
-        if frame.len() < eth + ip + 4 || frame[12..14] != [0x08, 0x00] {
+        let Some(flow) = FakeFlow::parse(frame) else {
             return (PASS, frame.to_vec());
-        }
-        let b = |i: usize| frame[eth + i];
-        let flow = Flow4 {
-            src: [b(12), b(13), b(14), b(15)],
-            dst: [b(16), b(17), b(18), b(19)],
-            sport_be: u16::from_ne_bytes([b(ip), b(ip + 1)]),
-            dport_be: u16::from_ne_bytes([b(ip + 2), b(ip + 3)]),
-            proto: b(9),
-            _pad: [0; 3],
         };
         let mut key = ServiceKey {
-            addr: crate::plan::addr16(std::net::Ipv4Addr::from(flow.dst).into()),
+            addr: flow.dst,
             port_be: flow.dport_be,
             proto: flow.proto,
             _pad: 0,
@@ -593,11 +616,12 @@ impl MemDataplane {
                 return (PASS, frame.to_vec());
             }
         }
-        let hit = self
-            .ct
-            .get(&flow)
-            .map(|e| e.backend)
-            .filter(|id| self.backends.contains_key(id));
+        let hit = match flow.ct {
+            CtKey::V4(f) => self.ct.get(&f),
+            CtKey::V6(f) => self.ct6.get(&f),
+        }
+        .map(|e| e.backend)
+        .filter(|id| self.backends.contains_key(id));
         let id = match hit {
             Some(id) => id,
             None => {
@@ -605,28 +629,97 @@ impl MemDataplane {
                 let Some(id) = self.lookup(&key, hash) else {
                     return (DROP, frame.to_vec());
                 };
-                self.ct.insert(
-                    flow,
-                    CtEntry {
-                        backend: id,
-                        ..Default::default()
-                    },
-                );
+                let entry = CtEntry {
+                    backend: id,
+                    ..Default::default()
+                };
+                match flow.ct {
+                    CtKey::V4(f) => self.ct.insert(f, entry),
+                    CtKey::V6(f) => self.ct6.insert(f, entry),
+                };
                 id
             }
         };
         let addr = self.backends[&id].addr;
-        let inner = &frame[eth..];
-        let outer = lb_common::packet::ipip_outer_v4(
-            self.outer_src,
-            [addr[12], addr[13], addr[14], addr[15]],
-            inner.len() as u16,
-            inner[1],
-        );
-        let mut out = frame[..eth].to_vec();
-        out.extend_from_slice(&outer);
+        let inner = &frame[ETH_LEN..];
+        let (next, tos) = match flow.ct {
+            CtKey::V4(_) => (lb_common::PROTO_IPIP, inner[1]),
+            CtKey::V6(_) => (lb_common::PROTO_IPV6, ipv6_tc(inner[0], inner[1])),
+        };
+        let mut out = frame[..12].to_vec();
+        match lb_common::v4_unmapped(&addr) {
+            Some(a) => {
+                out.extend_from_slice(&[0x08, 0x00]);
+                let words = ip4_outer_words(self.outer_src, a, inner.len() as u16, tos, next);
+                out.extend(words.iter().flat_map(|w| w.to_ne_bytes()));
+            }
+            None => {
+                out.extend_from_slice(&[0x86, 0xdd]);
+                let outer = ip6_outer(self.outer_src6, addr, inner.len() as u16, next, tos, 0);
+                out.extend_from_slice(&outer);
+            }
+        }
         out.extend_from_slice(inner);
         (REDIRECT, out)
+    }
+}
+
+/// `N` bytes of `b` from `at`, if it is long enough.
+fn bytes_at<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {
+    b.get(at..at + N)?.try_into().ok()
+}
+
+/// The flow of an IPv4 or IPv6 TCP/UDP frame without IP options or
+/// extension headers, for [`MemDataplane`]'s fake program.
+struct FakeFlow {
+    ct: CtKey,
+    /// The destination address as `ServiceKey` stores it.
+    dst: [u8; 16],
+    sport_be: u16,
+    dport_be: u16,
+    proto: u8,
+}
+
+impl FakeFlow {
+    fn parse(frame: &[u8]) -> Option<FakeFlow> {
+        use lb_common::packet::{ETH_LEN, IPV4_LEN, IPV6_LEN};
+        let ip = frame.get(ETH_LEN..)?;
+        let (l4_at, proto) = match frame.get(12..14)? {
+            [0x08, 0x00] => (IPV4_LEN, *ip.get(9)?),
+            [0x86, 0xdd] => (IPV6_LEN, *ip.get(6)?),
+            _ => return None,
+        };
+        let l4 = ip.get(l4_at..l4_at + 4)?;
+        let sport_be = u16::from_ne_bytes([l4[0], l4[1]]);
+        let dport_be = u16::from_ne_bytes([l4[2], l4[3]]);
+        let (ct, dst) = if l4_at == IPV4_LEN {
+            let flow = Flow4 {
+                src: bytes_at(ip, 12)?,
+                dst: bytes_at(ip, 16)?,
+                sport_be,
+                dport_be,
+                proto,
+                _pad: [0; 3],
+            };
+            (CtKey::V4(flow), lb_common::v4_mapped(flow.dst))
+        } else {
+            let flow = Flow6 {
+                src: bytes_at(ip, 8)?,
+                dst: bytes_at(ip, 24)?,
+                sport_be,
+                dport_be,
+                proto,
+                _pad: [0; 3],
+            };
+            (CtKey::V6(flow), flow.dst)
+        };
+        Some(FakeFlow {
+            ct,
+            dst,
+            sport_be,
+            dport_be,
+            proto,
+        })
     }
 }
 
@@ -727,17 +820,26 @@ impl Dataplane for MemDataplane {
         Ok(c)
     }
 
-    fn ct_get(&self, flow: &Flow4) -> Result<Option<CtEntry>, DataplaneError> {
-        Ok(self.ct.get(flow).copied())
+    fn ct_get(&self, key: &CtKey) -> Result<Option<CtEntry>, DataplaneError> {
+        Ok(match key {
+            CtKey::V4(flow) => self.ct.get(flow).copied(),
+            CtKey::V6(flow) => self.ct6.get(flow).copied(),
+        })
     }
 
-    fn ct_put(&mut self, flow: &Flow4, entry: &CtEntry) -> Result<(), DataplaneError> {
-        self.ct.insert(*flow, *entry);
+    fn ct_put(&mut self, key: &CtKey, entry: &CtEntry) -> Result<(), DataplaneError> {
+        match key {
+            CtKey::V4(flow) => self.ct.insert(*flow, *entry),
+            CtKey::V6(flow) => self.ct6.insert(*flow, *entry),
+        };
         Ok(())
     }
 
-    fn ct_del(&mut self, flow: &Flow4) -> Result<(), DataplaneError> {
-        self.ct.remove(flow);
+    fn ct_del(&mut self, key: &CtKey) -> Result<(), DataplaneError> {
+        match key {
+            CtKey::V4(flow) => self.ct.remove(flow),
+            CtKey::V6(flow) => self.ct6.remove(flow),
+        };
         Ok(())
     }
 
@@ -793,14 +895,14 @@ impl Dataplane for std::sync::Arc<std::sync::Mutex<MemDataplane>> {
             .expect("not poisoned")
             .counters(services, backends)
     }
-    fn ct_get(&self, flow: &Flow4) -> Result<Option<CtEntry>, DataplaneError> {
-        self.lock().expect("not poisoned").ct_get(flow)
+    fn ct_get(&self, key: &CtKey) -> Result<Option<CtEntry>, DataplaneError> {
+        self.lock().expect("not poisoned").ct_get(key)
     }
-    fn ct_put(&mut self, flow: &Flow4, entry: &CtEntry) -> Result<(), DataplaneError> {
-        self.lock().expect("not poisoned").ct_put(flow, entry)
+    fn ct_put(&mut self, key: &CtKey, entry: &CtEntry) -> Result<(), DataplaneError> {
+        self.lock().expect("not poisoned").ct_put(key, entry)
     }
-    fn ct_del(&mut self, flow: &Flow4) -> Result<(), DataplaneError> {
-        self.lock().expect("not poisoned").ct_del(flow)
+    fn ct_del(&mut self, key: &CtKey) -> Result<(), DataplaneError> {
+        self.lock().expect("not poisoned").ct_del(key)
     }
     fn probe(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), DataplaneError> {
         self.lock().expect("not poisoned").probe(frame)

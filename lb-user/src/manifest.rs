@@ -1687,6 +1687,99 @@ weight = 5
         assert_eq!(serde_json::from_value::<Change>(json).unwrap(), c);
     }
 
+    /// IPv6: a VIP in brackets, 6-in-6, 4-in-6 and 6-in-4 services, and
+    /// addresses written the long way (they compare as addresses).
+    const IPV6: &str = r#"
+[[service]]
+name = "amqp6"
+vip = "[FD00:1:0:0:100:0:0:1]:5672"
+proto = "tcp"
+ring_size = 13
+backends = [{ ip = "fd00:1::11" }, { ip = "FD00:1:0:0:0:0:0:12", weight = 200 }]
+
+[[service]]
+name = "four-in-six"
+vip = "10.0.0.10:5672"
+proto = "tcp"
+ring_size = 13
+backends = [{ ip = "fd00:1::11" }, { ip = "fd00:1::13", state = "draining" }]
+
+[[service]]
+name = "six-in-four"
+vip = "[fd00:1:100::1]:5004-5099"
+proto = "udp"
+ring_size = 7
+backends = [{ ip = "10.0.1.1" }, { ip = "fd00:1::13" }]
+"#;
+
+    #[test]
+    fn ipv6_vips_and_backends_round_trip_through_the_file() {
+        let (s, changes) = apply_to(&State::default(), &desired(IPV6)).unwrap();
+        assert_eq!(
+            lines(&changes),
+            [
+                "+ service amqp6 [fd00:1::100:0:0:1]:5672/tcp",
+                "+ backend amqp6 fd00:1::11 weight 100",
+                "+ backend amqp6 fd00:1::12 weight 200",
+                "+ service four-in-six 10.0.0.10:5672/tcp",
+                "+ backend four-in-six fd00:1::11 weight 100",
+                "+ backend four-in-six fd00:1::13 weight 100 draining",
+                "+ service six-in-four [fd00:1:100::1]:5004-5099/udp",
+                "+ backend six-in-four 10.0.1.1 weight 100",
+                "+ backend six-in-four fd00:1::13 weight 100",
+            ]
+        );
+        let d = export(&s);
+        let text = to_toml(&d);
+        assert!(
+            text.contains("vip = \"[fd00:1::100:0:0:1]:5672\"\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("{ ip = \"fd00:1::12\", weight = 200 }"),
+            "{text}"
+        );
+        assert_eq!(desired(&text), d, "parse(to_toml(export)) == export");
+        let (next, changes) = apply_to(&s, &desired(&text)).unwrap();
+        assert_eq!((next, changes), (s.clone(), vec![]), "apply(export())");
+        // The file as written (long forms, upper case) is no change either.
+        let (next, changes) = apply_to(&s, &desired(IPV6)).unwrap();
+        assert_eq!((next, changes), (s.clone(), vec![]), "apply(file) again");
+
+        // An edit: a backend of the other family, a vip that changes family.
+        let edited = IPV6
+            .replace(
+                "{ ip = \"fd00:1::11\" }, { ip = \"FD00",
+                "{ ip = \"10.0.1.2\" }, { ip = \"FD00",
+            )
+            .replace("10.0.0.10:5672", "[fd00:1:100::2]:5672");
+        let (next, changes) = apply_to(&s, &desired(&edited)).unwrap();
+        assert_eq!(
+            lines(&changes),
+            [
+                "- backend amqp6 fd00:1::11",
+                "+ backend amqp6 10.0.1.2 weight 100",
+                "~ service four-in-six vip 10.0.0.10:5672 -> [fd00:1:100::2]:5672",
+            ]
+        );
+        next.check().unwrap();
+
+        // The same address twice, written two ways, is refused.
+        let twice = IPV6.replace("FD00:1:0:0:0:0:0:12", "fd00:1:0::11");
+        assert_eq!(
+            file_error(&twice),
+            "mqlb.toml:7: field ip (service amqp6, backend fd00:1:0::11): backend fd00:1::11 \
+             appears twice in service amqp6"
+        );
+        // An ipv6 vip needs its brackets, with the line of the mistake.
+        assert!(
+            file_error(&IPV6.replace("[FD00:1:0:0:100:0:0:1]:5672", "fd00:1::1"))
+                .starts_with("mqlb.toml:4: field vip (service amqp6): bad address"),
+            "{}",
+            file_error(&IPV6.replace("[FD00:1:0:0:100:0:0:1]:5672", "fd00:1::1"))
+        );
+    }
+
     const RANGES: &str = r#"
 [[service]]
 name = "media"

@@ -5,10 +5,13 @@
 //!
 //! Conntrack fill: the kernel keeps no element count for an LRU hash map, and
 //! walking a million keys per scrape is too slow (about 1.7 s for 1M entries,
-//! one syscall per key), so [`count_conntrack`] walks `CT4` in the background
-//! (at most `capacity` keys; every [`CT_COUNT_EVERY`], or 20 times the last
-//! walk's duration if longer, so it takes at most 5% of one CPU) and the
-//! scrape reports the last count as `mqlb_conntrack_entries`.
+//! one syscall per key), so [`count_conntrack`] walks `CT4` and `CT6` in the
+//! background (at most `capacity` keys each; every [`CT_COUNT_EVERY`], or 20
+//! times the last walk's duration if longer, so it takes at most 5% of one
+//! CPU) and the scrape reports the last counts as
+//! `mqlb_conntrack_entries{family="ipv4"|"ipv6"}`, next to
+//! `mqlb_conntrack_capacity{family}` (one LRU map per family: each fills and
+//! evicts on its own, so `sum()` is the total and each series its own fill).
 //!
 //! The same listener serves a status page for people at `/` (the static
 //! `status.html`, vanilla JS, no external URLs) and the JSON it polls every
@@ -38,7 +41,7 @@ use axum::{
     routing::get,
     Json, Router,
 };
-use lb_common::{Counter as DpCounter, CtEntry, DropReason, Flow4};
+use lb_common::{names, Counter as DpCounter, CtEntry, DropReason, Flow4, Flow6};
 use prometheus_client::{
     encoding::prometheus_text,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -55,35 +58,99 @@ use crate::{
     watch::{self, Rates},
 };
 
-/// How often the background task counts `CT4` (at least).
+/// How often the background task counts `CT4` and `CT6` (at least).
 pub const CT_COUNT_EVERY: Duration = Duration::from_secs(15);
+
+/// An address family's conntrack map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtFamily {
+    /// `CT4`.
+    Ipv4,
+    /// `CT6`.
+    Ipv6,
+}
+
+impl CtFamily {
+    pub const ALL: [CtFamily; 2] = [CtFamily::Ipv4, CtFamily::Ipv6];
+
+    /// The `family` label of the conntrack metrics and the status JSON.
+    pub const fn label(self) -> &'static str {
+        match self {
+            CtFamily::Ipv4 => "ipv4",
+            CtFamily::Ipv6 => "ipv6",
+        }
+    }
+
+    /// The map's name (and pin file name).
+    pub const fn map(self) -> &'static str {
+        match self {
+            CtFamily::Ipv4 => names::CT4,
+            CtFamily::Ipv6 => names::CT6,
+        }
+    }
+}
 
 /// What the scrape reports about conntrack.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Conntrack {
-    /// Maximum entries of `CT4`.
+    /// Maximum entries of each family's map (`--ct-entries` sizes `CT4`
+    /// and `CT6` alike).
     pub capacity: u32,
-    /// Last background count; `None` until the first one finishes.
-    pub entries: Option<u64>,
+    /// Last background count of `CT4`; `None` until the first one finishes.
+    pub ipv4: Option<u64>,
+    /// Last background count of `CT6`; `None` until the first one finishes.
+    pub ipv6: Option<u64>,
 }
 
-/// The last conntrack count, shared with the background counter.
+impl Conntrack {
+    /// The last count of `family`'s map.
+    pub const fn entries(&self, family: CtFamily) -> Option<u64> {
+        match family {
+            CtFamily::Ipv4 => self.ipv4,
+            CtFamily::Ipv6 => self.ipv6,
+        }
+    }
+}
+
+/// The last conntrack counts, shared with the background counter.
 #[derive(Debug)]
-pub struct CtCount(AtomicU64);
+pub struct CtCount {
+    ipv4: AtomicU64,
+    ipv6: AtomicU64,
+}
 
 impl Default for CtCount {
     fn default() -> Self {
-        CtCount(AtomicU64::new(u64::MAX))
+        CtCount {
+            ipv4: AtomicU64::new(u64::MAX),
+            ipv6: AtomicU64::new(u64::MAX),
+        }
     }
 }
 
 impl CtCount {
-    pub fn set(&self, n: u64) {
-        self.0.store(n, Ordering::Relaxed);
+    fn cell(&self, family: CtFamily) -> &AtomicU64 {
+        match family {
+            CtFamily::Ipv4 => &self.ipv4,
+            CtFamily::Ipv6 => &self.ipv6,
+        }
     }
 
-    pub fn get(&self) -> Option<u64> {
-        Some(self.0.load(Ordering::Relaxed)).filter(|&n| n != u64::MAX)
+    pub fn set(&self, family: CtFamily, n: u64) {
+        self.cell(family).store(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, family: CtFamily) -> Option<u64> {
+        Some(self.cell(family).load(Ordering::Relaxed)).filter(|&n| n != u64::MAX)
+    }
+
+    /// The last counts, with the maps' `capacity`.
+    pub fn conntrack(&self, capacity: u32) -> Conntrack {
+        Conntrack {
+            capacity,
+            ipv4: self.get(CtFamily::Ipv4),
+            ipv6: self.get(CtFamily::Ipv6),
+        }
     }
 }
 
@@ -99,12 +166,6 @@ fn gauges(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
     let f = Family::<Labels, Gauge>::default();
     reg.register(name, help, f.clone());
     f
-}
-
-fn gauge(reg: &mut Registry, name: &str, help: &str, v: i64) {
-    let g = Gauge::<i64>::default();
-    g.set(v);
-    reg.register(name, help, g);
 }
 
 fn i(v: u64) -> i64 {
@@ -253,19 +314,29 @@ pub fn render(stats: &StatsView, ct: &Conntrack) -> String {
         }
     }
 
-    gauge(
+    let capacity = gauges(
         &mut reg,
         "mqlb_conntrack_capacity",
-        "Maximum entries of the IPv4 conntrack (LRU)",
-        i64::from(ct.capacity),
+        "Maximum entries of the conntrack map (LRU) of an address family",
     );
-    if let Some(n) = ct.entries {
-        gauge(
+    let counted = CtFamily::ALL
+        .iter()
+        .filter_map(|&f| Some((f, ct.entries(f)?)))
+        .collect::<Vec<_>>();
+    let entries = (!counted.is_empty()).then(|| {
+        gauges(
             &mut reg,
             "mqlb_conntrack_entries",
-            "Entries of the IPv4 conntrack at the last background count (every 15 s or more)",
-            i(n),
-        );
+            "Entries of the conntrack map of an address family at the last background count \
+             (every 15 s or more)",
+        )
+    });
+    for f in CtFamily::ALL {
+        let l = vec![("family", f.label().to_string())];
+        capacity.get_or_create(&l).set(i64::from(ct.capacity));
+        if let (Some(entries), Some(n)) = (&entries, ct.entries(f)) {
+            entries.get_or_create(&l).set(i(n));
+        }
     }
 
     let mut out = String::new();
@@ -414,9 +485,41 @@ pub struct ServiceJson {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ConntrackJson {
-    pub capacity: u32,
-    /// Last background count (every 15 s or more); `None` before the first.
+    /// Both families' maps together.
+    pub capacity: u64,
+    /// Both families together at the last background count (every 15 s or
+    /// more); `None` until both are counted.
     pub entries: Option<u64>,
+    /// Per map, `ipv4` then `ipv6` (as `mqlb_conntrack_*{family}`): each
+    /// fills and evicts on its own.
+    pub families: Vec<CtFamilyJson>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CtFamilyJson {
+    /// `ipv4` or `ipv6`.
+    pub family: &'static str,
+    pub capacity: u32,
+    /// Last background count; `None` before the first.
+    pub entries: Option<u64>,
+}
+
+impl From<&Conntrack> for ConntrackJson {
+    fn from(ct: &Conntrack) -> Self {
+        let families: Vec<CtFamilyJson> = CtFamily::ALL
+            .iter()
+            .map(|&f| CtFamilyJson {
+                family: f.label(),
+                capacity: ct.capacity,
+                entries: ct.entries(f),
+            })
+            .collect();
+        ConntrackJson {
+            capacity: families.iter().map(|f| u64::from(f.capacity)).sum(),
+            entries: families.iter().map(|f| f.entries).sum(),
+            families,
+        }
+    }
 }
 
 /// `GET /status.json`: everything the status page shows.
@@ -577,10 +680,7 @@ pub fn status_json(input: &StatusInput, history: &History) -> StatusJson {
         rate_interval_s: history.interval_s,
         counters,
         drops,
-        conntrack: ConntrackJson {
-            capacity: input.conntrack.capacity,
-            entries: input.conntrack.entries,
-        },
+        conntrack: ConntrackJson::from(&input.conntrack),
         services,
         removed,
         history: history.points.iter().copied().collect(),
@@ -645,10 +745,7 @@ async fn metrics(AxState(s): AxState<MetricsState>) -> axum::response::Response 
     };
     match stats {
         Ok(stats) => {
-            let ct = Conntrack {
-                capacity,
-                entries: s.ct.get(),
-            };
+            let ct = s.ct.conntrack(capacity);
             (
                 [(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)],
                 render(&stats, &ct),
@@ -700,10 +797,7 @@ async fn status(AxState(s): AxState<MetricsState>) -> axum::response::Response {
             stats,
             iface: status.iface,
             pid: status.pid,
-            conntrack: Conntrack {
-                capacity: status.ct_entries,
-                entries: s.ct.get(),
-            },
+            conntrack: s.ct.conntrack(status.ct_entries),
             settings: core
                 .state()
                 .services
@@ -762,11 +856,15 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Counts the keys of the pinned `CT4` map at `pin`, at most `limit`
-/// (an LRU walk restarts when the key it stands on is evicted).
-pub fn count_pinned(pin: &std::path::Path, limit: u64) -> Result<u64, aya::maps::MapError> {
+/// Counts the keys of the pinned conntrack map (key `K`: `Flow4` or
+/// `Flow6`) at `pin`, at most `limit` (an LRU walk restarts when the key it
+/// stands on is evicted).
+pub fn count_pinned<K: aya::Pod>(
+    pin: &std::path::Path,
+    limit: u64,
+) -> Result<u64, aya::maps::MapError> {
     let data = aya::maps::MapData::from_pin(pin)?;
-    let map = aya::maps::HashMap::<_, Flow4, CtEntry>::try_from(aya::maps::Map::LruHashMap(data))?;
+    let map = aya::maps::HashMap::<_, K, CtEntry>::try_from(aya::maps::Map::LruHashMap(data))?;
     let mut n = 0u64;
     for k in map.keys() {
         k?;
@@ -778,27 +876,37 @@ pub fn count_pinned(pin: &std::path::Path, limit: u64) -> Result<u64, aya::maps:
     Ok(n)
 }
 
-/// Counts `CT4` into `out` every [`CT_COUNT_EVERY`] (or 20 times the walk's
-/// duration if longer), off the async threads.
-pub async fn count_conntrack(pin: PathBuf, capacity: u32, out: Arc<CtCount>) {
-    let mut warned = false;
+/// Counts `CT4` (pinned at `ct4_pin`) and `CT6` (pinned beside it) into
+/// `out` every [`CT_COUNT_EVERY`] (or 20 times the walks' duration if
+/// longer), off the async threads.
+pub async fn count_conntrack(ct4_pin: PathBuf, capacity: u32, out: Arc<CtCount>) {
+    let mut warned = [false; 2];
     loop {
-        let p = pin.clone();
         let started = std::time::Instant::now();
-        let result =
-            tokio::task::spawn_blocking(move || count_pinned(&p, u64::from(capacity))).await;
-        let took = started.elapsed();
-        match result {
-            Ok(Ok(n)) => {
-                debug!(entries = n, ?took, "counted conntrack");
-                out.set(n);
+        for (family, warned) in CtFamily::ALL.into_iter().zip(&mut warned) {
+            let pin = ct4_pin.with_file_name(family.map());
+            let limit = u64::from(capacity);
+            let result = tokio::task::spawn_blocking(move || match family {
+                CtFamily::Ipv4 => count_pinned::<Flow4>(&pin, limit),
+                CtFamily::Ipv6 => count_pinned::<Flow6>(&pin, limit),
+            })
+            .await;
+            match result {
+                Ok(Ok(n)) => {
+                    debug!(family = family.label(), entries = n, "counted conntrack");
+                    out.set(family, n);
+                }
+                Ok(Err(e)) if !*warned => {
+                    warn!(
+                        family = family.label(), error = %error_chain(&e),
+                        "counting conntrack entries failed"
+                    );
+                    *warned = true;
+                }
+                _ => {}
             }
-            Ok(Err(e)) if !warned => {
-                warn!(error = %error_chain(&e), "counting conntrack entries failed");
-                warned = true;
-            }
-            _ => {}
         }
+        let took = started.elapsed();
         tokio::time::sleep(CT_COUNT_EVERY.max(took * 20)).await;
     }
 }
@@ -915,7 +1023,8 @@ mod tests {
             &snapshot(),
             &Conntrack {
                 capacity: 1 << 20,
-                entries: Some(1234),
+                ipv4: Some(1234),
+                ipv6: Some(56),
             },
         );
         let s = parse(&text);
@@ -975,8 +1084,16 @@ mod tests {
                     && x.labels.get("backend") == Some("10.0.1.1")),
             "no transitions for an unchecked backend"
         );
-        assert_eq!(gauge(&s, "mqlb_conntrack_capacity", &[]), 1048576.0);
-        assert_eq!(gauge(&s, "mqlb_conntrack_entries", &[]), 1234.0);
+        for (family, n) in [("ipv4", 1234.0), ("ipv6", 56.0)] {
+            let l = [("family", family)];
+            assert_eq!(gauge(&s, "mqlb_conntrack_capacity", &l), 1048576.0);
+            assert_eq!(gauge(&s, "mqlb_conntrack_entries", &l), n);
+        }
+        for name in ["mqlb_conntrack_capacity", "mqlb_conntrack_entries"] {
+            let series: Vec<_> = s.samples.iter().filter(|x| x.metric == name).collect();
+            assert_eq!(series.len(), 2, "{name}: one series per family");
+            assert!(series.iter().all(|x| x.labels.len() == 1), "{name}");
+        }
         // Every sample has HELP and a known TYPE; counters end in `_total`.
         for x in &s.samples {
             assert!(s.docs.contains_key(&x.metric), "{} has no HELP", x.metric);
@@ -989,6 +1106,27 @@ mod tests {
         }
         let none = render(&snapshot(), &Conntrack::default());
         assert!(!none.contains("mqlb_conntrack_entries"), "no count yet");
+        let v4_only = Conntrack {
+            capacity: 8,
+            ipv4: Some(3),
+            ipv6: None,
+        };
+        let s = parse(&render(&snapshot(), &v4_only));
+        assert_eq!(
+            gauge(&s, "mqlb_conntrack_entries", &[("family", "ipv4")]),
+            3.0
+        );
+        assert!(
+            !s.samples
+                .iter()
+                .any(|x| x.metric == "mqlb_conntrack_entries"
+                    && x.labels.get("family") == Some("ipv6")),
+            "CT6 not counted yet"
+        );
+        assert_eq!(
+            gauge(&s, "mqlb_conntrack_capacity", &[("family", "ipv6")]),
+            8.0
+        );
     }
 
     /// A daemon core (in-memory data plane) with service `amqp` on
@@ -1038,7 +1176,8 @@ mod tests {
             .unwrap();
             let shared = Shared::new(core);
             let ct = Arc::new(CtCount::default());
-            ct.set(17);
+            ct.set(CtFamily::Ipv4, 17);
+            ct.set(CtFamily::Ipv6, 5);
             let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
             let addr = listener.local_addr().unwrap();
             let server = tokio::spawn(serve(listener, shared.clone(), ct));
@@ -1122,8 +1261,11 @@ mod tests {
         assert_eq!(gauge(&s, "mqlb_backend_weight", &b), 3.0);
         assert_eq!(gauge(&s, "mqlb_backend_in_table", &b), 1.0);
         assert_eq!(gauge(&s, "mqlb_backend_up", &b), 1.0);
-        assert_eq!(gauge(&s, "mqlb_conntrack_capacity", &[]), 4096.0);
-        assert_eq!(gauge(&s, "mqlb_conntrack_entries", &[]), 17.0);
+        for (family, n) in [("ipv4", 17.0), ("ipv6", 5.0)] {
+            let l = [("family", family)];
+            assert_eq!(gauge(&s, "mqlb_conntrack_capacity", &l), 4096.0);
+            assert_eq!(gauge(&s, "mqlb_conntrack_entries", &l), n);
+        }
 
         let (head, _) = t.get("/other").await;
         assert!(head.starts_with("HTTP/1.1 404"), "{head}");
@@ -1147,6 +1289,8 @@ mod tests {
             "id=\"chart\"",
             "id=\"services\"",
             "id=\"conntrack\"",
+            "id=\"ct-families\"",
+            "\"data-family\"",
             "fetch(\"status.json\"",
             "data-backend",
             "data-state",
@@ -1203,8 +1347,18 @@ mod tests {
         assert_eq!(v["iface"], "eth1");
         assert_eq!(v["pid"], 4242);
         assert!(v["time_unix_ms"].as_u64().unwrap() > 1_600_000_000_000);
-        assert_eq!(v["conntrack"]["capacity"], 4096);
-        assert_eq!(v["conntrack"]["entries"], 17);
+        assert_eq!(
+            v["conntrack"],
+            serde_json::json!({
+                "capacity": 8192,
+                "entries": 22,
+                "families": [
+                    {"family": "ipv4", "capacity": 4096, "entries": 17},
+                    {"family": "ipv6", "capacity": 4096, "entries": 5},
+                ],
+            }),
+            "both families, and each"
+        );
         let named = |list: &serde_json::Value, name: &str| {
             list.as_array()
                 .unwrap()
@@ -1317,7 +1471,7 @@ mod tests {
             pid: 1,
             conntrack: Conntrack {
                 capacity: 100,
-                entries: None,
+                ..Default::default()
             },
             settings: HashMap::from([("amqp".into(), ("src-ip".into(), "tcp".into()))]),
             removed,

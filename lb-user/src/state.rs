@@ -112,9 +112,6 @@ pub enum StateError {
     BackendExists { service: String, addr: IpAddr },
     #[error("backend {addr} not found in service {service}")]
     BackendNotFound { service: String, addr: IpAddr },
-    /// `mqlb flow` builds its probe packet for IPv4 services only.
-    #[error("mqlb flow probes ipv4 services only (service {service} has an ipv6 vip)")]
-    FlowIpv6Unsupported { service: String },
     #[error("service limit reached ({} services)", MAX_SERVICES - 1)]
     TooManyServices,
     #[error("backend limit reached ({} backends in use)", MAX_BACKENDS - 1)]
@@ -673,6 +670,13 @@ fn check_unicast(addr: IpAddr) -> Result<(), &'static str> {
     if let IpAddr::V4(v4) = addr {
         if v4.is_broadcast() {
             return Err("the broadcast address is not allowed");
+        }
+    }
+    // The maps hold IPv4 addresses IPv4-mapped: `::ffff:a.b.c.d` would be
+    // the IPv4 address a.b.c.d to the data plane but IPv6 to everything else.
+    if let IpAddr::V6(v6) = addr {
+        if v6.to_ipv4_mapped().is_some() {
+            return Err("an IPv4-mapped IPv6 address (::ffff:a.b.c.d): write the IPv4 address");
         }
     }
     Ok(())
@@ -1639,6 +1643,15 @@ mod tests {
         assert!(err("10.0.0.10:+80").contains("is not a port"));
         assert!(err("10.0.0.10:5004..5099").contains("IP:LO-HI"));
         assert!(err("10.0.0.10:**").contains("is not a port"));
+        assert!(err("[::ffff:10.0.0.10]:5672").contains("write the IPv4 address"));
+        let e = parse_backend_addr("::ffff:10.0.1.1")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "bad address \"::ffff:10.0.1.1\": an IPv4-mapped IPv6 address (::ffff:a.b.c.d): \
+             write the IPv4 address"
+        );
         assert!(err("10.0.0.10").contains("IP:PORT, IP:LO-HI or IP:*"));
         assert!(err("host:80").contains("IP:PORT, IP:LO-HI or IP:*"));
         assert!(err("10.0.0.300:80").contains("IP:PORT"));

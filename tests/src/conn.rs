@@ -2,13 +2,30 @@
 //! connections from the client namespace through a VIP, each knowing the
 //! backend that greeted it. Shared by the end-to-end test files.
 
-use crate::lab::Lab;
+use crate::lab::{fnv1a64, Lab, FNV_OFFSET};
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 /// Per-operation socket timeout: generous, only reached when a flow is lost.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Socket timeout of a [`Conn::bulk`] transfer: path-MTU discovery may stall
+/// it for a few retransmission timeouts before the segments fit.
+pub const BULK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `len` bytes of a fixed pseudo-random pattern (xorshift64): the same in
+/// every run, and no long runs a broken path could get right by chance.
+pub fn pattern(len: usize) -> Vec<u8> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
 
 /// One client TCP connection through the VIP and the backend that took it.
 pub struct Conn {
@@ -45,6 +62,24 @@ impl Conn {
             .unwrap_or_else(|| panic!("bad reply {line:?}"));
         assert_eq!(echoed, msg, "flow {} got someone else's answer", self.src);
         name.to_string()
+    }
+
+    /// Sends `BULK n` and the n bytes of `data` (the lab servers hash what
+    /// they read), with [`BULK_TIMEOUT`] on the socket. Returns the
+    /// backend's answer and the one intact bytes get,
+    /// `<backend> BULK n <fnv1a64 hex>`; an error if the send stalled.
+    pub fn bulk(&mut self, data: &[u8]) -> std::io::Result<(String, String)> {
+        self.stream.set_write_timeout(Some(BULK_TIMEOUT))?;
+        self.stream.set_read_timeout(Some(BULK_TIMEOUT))?;
+        let len = data.len();
+        self.stream.write_all(format!("BULK {len}\n").as_bytes())?;
+        self.stream.write_all(data)?;
+        let want = format!(
+            "{} BULK {len} {:016x}",
+            self.backend,
+            fnv1a64(FNV_OFFSET, data)
+        );
+        Ok((self.line(), want))
     }
 }
 

@@ -15,7 +15,7 @@ use mqlb_tests::lab::{find_counter, fnv1a64, wait_for, Lab, LabConfig, XdpMode, 
 use mqlb_tests::privileged::require_root;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -613,4 +613,243 @@ fn flows_survive_upgrade_and_kill9(mode: XdpMode) {
     assert_predicted(&lab, &fresh);
     conns.extend(fresh);
     exchange_all(&mut conns, "end");
+}
+
+/// Port of the daemon's metrics listener in the IPv6 flow lab (inside its
+/// LB namespace).
+const METRICS_PORT: u16 = 9433;
+/// The port of the IPv6 media range the UDP flows use.
+const RANGE_USED: u16 = 5006;
+
+/// Waits until the live ring of `[VIP6]:port` (`port` 0: its port range)
+/// holds exactly `want`.
+fn wait_ring6(lab: &Lab, port: u16, proto: u8, want: &[IpAddr]) {
+    let vip6 = lab.vip6.expect("the lab has an IPv6 VIP");
+    let want: BTreeSet<IpAddr> = want.iter().copied().collect();
+    wait_for(
+        &format!("the ring of [{vip6}]:{port} to hold {want:?}"),
+        RING_DEADLINE,
+        || {
+            let maps = lab.maps()?;
+            let svc = maps.service_v6(vip6, port, proto)?;
+            let ids: BTreeSet<u32> = maps.ring(&svc)?.into_iter().filter(|&i| i != 0).collect();
+            let members = ids
+                .into_iter()
+                .map(|id| maps.backend_ip(id))
+                .collect::<anyhow::Result<BTreeSet<IpAddr>>>()?;
+            Ok((members == want).then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()));
+}
+
+/// `mqlb flow SERVICE --client CLIENT [--port PORT]`: its one line.
+fn flow_line(lab: &Lab, service: &str, client: SocketAddr, port: Option<u16>) -> String {
+    let client = client.to_string();
+    let port = port.map(|p| p.to_string());
+    let mut args = vec!["flow", service, "--client", &client];
+    if let Some(p) = &port {
+        args.extend(["--port", p.as_str()]);
+    }
+    lab.mqlb(&args)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()))
+        .trim()
+        .to_string()
+}
+
+/// `GET /metrics` from the daemon, inside the LB namespace.
+fn scrape(lab: &Lab) -> anyhow::Result<String> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], METRICS_PORT));
+    let mut s = lab
+        .lb
+        .run(move || std::net::TcpStream::connect_timeout(&addr, conn::IO_TIMEOUT))??;
+    s.set_read_timeout(Some(conn::IO_TIMEOUT))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: mqlb\r\n\r\n")?;
+    let mut resp = String::new();
+    std::io::Read::read_to_string(&mut s, &mut resp)?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("not an HTTP response: {resp:?}"))?;
+    anyhow::ensure!(head.starts_with("HTTP/1.0 200"), "{head}\n{body}");
+    Ok(body.to_string())
+}
+
+/// The value of the sample `series` (name and labels as written) in a scrape.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// `mqlb flow` on IPv6 services, against real flows: TCP to [VIP6]:5672
+/// over IPv6 backends (6-in-6) and UDP to one port of the IPv6 port range
+/// [VIP6]:5004-5010 over IPv4 backends (6-in-4). For every established flow
+/// it names the backend that answered it, by conntrack; for a new flow the
+/// one the ring predicts, by the table. An IPv4 client is refused in one
+/// line, and `mqlb_conntrack_entries{family="ipv6"}` counts the flows.
+#[test]
+fn flow_names_the_backends_of_ipv6_flows() {
+    if !require_root("flow_names_the_backends_of_ipv6_flows") {
+        return;
+    }
+    let mut lab = Lab::start(LabConfig {
+        ipv6: true,
+        metrics: Some(METRICS_PORT),
+        ..LabConfig::default()
+    })
+    .unwrap_or_else(|e| panic!("the lab did not start: {e:#}"));
+    let vip6 = lab.vip6.expect("the lab has an IPv6 VIP");
+    lab.serve_tcp6(AMQP).expect("backend TCP servers");
+    lab.serve_udp6(RANGE_USED).expect("backend UDP servers");
+    let v6: Vec<IpAddr> = lab.backends.iter().map(|b| IpAddr::V6(b.v6())).collect();
+    let v4: Vec<IpAddr> = lab.backends.iter().map(|b| IpAddr::V4(b.addr)).collect();
+    let range = format!("[{vip6}]:{MEDIA}-5010");
+    let cli = |args: &[&str]| {
+        lab.mqlb(args)
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()));
+    };
+    lab.add_service6("amqp6", AMQP, "tcp", None)
+        .unwrap_or_else(|e| panic!("service add: {e:#}"));
+    cli(&[
+        "service", "add", "media6", "--vip", &range, "--proto", "udp",
+    ]);
+    for (service, backends) in [("amqp6", &v6), ("media6", &v4)] {
+        for b in backends {
+            cli(&["backend", "add", service, &b.to_string()]);
+        }
+    }
+    wait_ring6(&lab, AMQP, PROTO_TCP, &v6);
+    wait_ring6(&lab, lb_common::RANGE_PORT, PROTO_UDP, &v4);
+    // The probe's ingress is lo, where IPv6 is not forwarded: the program's
+    // own forwarding (cached next hops) makes it name the backend from the
+    // tunnel packet, as real packets leave.
+    wait_for(
+        "every backend's next hop in BACKENDS",
+        RING_DEADLINE,
+        || {
+            let maps = lab.maps()?;
+            for id in 1..=6 {
+                let b = maps.backend(id)?;
+                anyhow::ensure!(
+                    b.flags & lb_common::backend_flags::NEXTHOP != 0,
+                    "backend {} (id {id}) has no next hop yet",
+                    maps.backend_ip(id)?
+                );
+            }
+            Ok(Some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()));
+    let maps = lab.maps().expect("pinned maps");
+    let client6 = IpAddr::V6(lab.client.v6());
+
+    // TCP, 6-in-6: established connections are conntrack hits.
+    let dst = SocketAddr::new(IpAddr::V6(vip6), AMQP);
+    let conns = conn::open_conns(&lab, dst, 6);
+    for c in &conns {
+        let reached = lab.backend_by_name(&c.backend).expect("backend").v6();
+        assert_eq!(
+            flow_line(&lab, "amqp6", c.src, None),
+            format!(
+                "{} -> amqp6 {dst}/tcp: backend {reached} (conntrack)",
+                c.src
+            ),
+            "the connection greeted by {}\n{}",
+            c.backend,
+            lab.diagnostics()
+        );
+    }
+    // A new flow (a port below the ephemeral range: no connection has it).
+    let svc = maps.service_v6(vip6, AMQP, PROTO_TCP).expect("service");
+    let fresh = SocketAddr::new(client6, 20000);
+    let want = maps
+        .predict_any(&svc, fresh, dst, PROTO_TCP)
+        .expect("predict");
+    assert_eq!(
+        flow_line(&lab, "amqp6", fresh, None),
+        format!("{fresh} -> amqp6 {dst}/tcp: backend {want} (table)")
+    );
+
+    // UDP to a port of the range, 6-in-4: live flows are conntrack hits.
+    let udp_dst = SocketAddr::new(IpAddr::V6(vip6), RANGE_USED);
+    let sockets = lab
+        .client
+        .run(move || {
+            (0..6)
+                .map(|_| {
+                    let s = UdpSocket::bind((client6, 0))?;
+                    s.connect(udp_dst)?;
+                    s.set_read_timeout(Some(conn::IO_TIMEOUT))?;
+                    Ok(s)
+                })
+                .collect::<std::io::Result<Vec<_>>>()
+        })
+        .expect("client namespace")
+        .expect("client UDP sockets");
+    for (i, s) in sockets.iter().enumerate() {
+        let (name, src) = udp_ask(s, &format!("media {i}"))
+            .unwrap_or_else(|e| panic!("{e}\n{}", lab.diagnostics()));
+        let reached = lab.backend_by_name(&name).expect("backend").addr;
+        let src: SocketAddr = src.parse().expect("the client address the backend saw");
+        assert_eq!(
+            flow_line(&lab, "media6", src, Some(RANGE_USED)),
+            format!("{src} -> media6 {udp_dst}/udp: backend {reached} (conntrack)"),
+            "the flow answered by {name}"
+        );
+    }
+    let svc = maps
+        .service_v6(vip6, lb_common::RANGE_PORT, PROTO_UDP)
+        .expect("range service");
+    let want = maps
+        .predict_any(&svc, fresh, udp_dst, PROTO_UDP)
+        .expect("predict");
+    assert_eq!(
+        flow_line(&lab, "media6", fresh, Some(RANGE_USED)),
+        format!("{fresh} -> media6 {udp_dst}/udp: backend {want} (table)")
+    );
+
+    // A client of the other family: one line, exit 1.
+    let err = lab
+        .mqlb(&["flow", "amqp6", "--client", "10.0.0.2:40000"])
+        .expect_err("an IPv4 client of an IPv6 service");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains(
+            "(exit status: 1): error: bad address \"10.0.0.2:40000\": service amqp6 has \
+             an ipv6 vip"
+        ) && err.ends_with("give an ipv6 client as [IPV6]:PORT")
+            && !err.contains('\n'),
+        "{err}"
+    );
+
+    // The background count (every 15 s) sees the IPv6 flows in CT6.
+    let flows = (conns.len() + sockets.len()) as f64;
+    let mut last = String::new();
+    wait_for(
+        "mqlb_conntrack_entries{family=\"ipv6\"} to count the IPv6 flows",
+        Duration::from_secs(40),
+        || {
+            last = scrape(&lab)?;
+            let v6 = sample(&last, "mqlb_conntrack_entries{family=\"ipv6\"}");
+            Ok(v6.is_some_and(|n| n >= flows).then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\nlast scrape:\n{last}"));
+    for family in ["ipv4", "ipv6"] {
+        let capacity = sample(
+            &last,
+            &format!("mqlb_conntrack_capacity{{family=\"{family}\"}}"),
+        );
+        assert!(capacity.is_some_and(|c| c > 0.0), "{family}: {last}");
+    }
+    assert!(
+        sample(&last, "mqlb_conntrack_entries{family=\"ipv4\"}").is_some(),
+        "{last}"
+    );
+    drop(conns);
+    drop(sockets);
 }

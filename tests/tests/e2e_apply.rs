@@ -4,14 +4,15 @@
 //! export → apply changes nothing; an edited file prints its diff, changes
 //! the ring and keeps established flows (a deleted backend's flows finish,
 //! as with `backend del`); a broken file exits non-zero naming FILE:LINE and
-//! changes nothing.
+//! changes nothing. IPv6 too: an `[ADDR]:PORT` VIP over IPv6 backends
+//! (6-in-6) and an IPv4 VIP over IPv6 backends (4-in-6).
 
-use lb_common::{backend_state, PROTO_TCP};
+use lb_common::{backend_state, ServiceValue, PROTO_TCP};
 use mqlb_tests::conn::{self, Conn};
-use mqlb_tests::lab::{wait_for, Lab, LabConfig, XdpMode};
+use mqlb_tests::lab::{wait_for, Lab, LabConfig, LbMaps, XdpMode};
 use mqlb_tests::privileged::require_root;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -23,7 +24,12 @@ const RING_DEADLINE: Duration = Duration::from_secs(10);
 
 /// `n` connections to VIP:5672 from the client, each with its greeting read.
 fn open_conns(lab: &Lab, n: usize) -> Vec<Conn> {
-    conn::open_conns(lab, SocketAddr::from((lab.vip, AMQP)), n)
+    conn::open_conns(lab, vip_amqp(lab), n)
+}
+
+/// The IPv4 VIP's AMQP port.
+fn vip_amqp(lab: &Lab) -> SocketAddr {
+    SocketAddr::from((lab.vip, AMQP))
 }
 
 /// Sends `msg` on `c`; asserts the backend that took the flow echoes it.
@@ -32,39 +38,48 @@ fn ask(c: &mut Conn, msg: &str) {
     assert_eq!(name, c.backend, "flow {} moved to {name}", c.src);
 }
 
-fn addr(lab: &Lab, name: &str) -> Ipv4Addr {
-    lab.backend_by_name(name).expect("backend exists").addr
+fn addr(lab: &Lab, name: &str) -> IpAddr {
+    IpAddr::V4(lab.backend_by_name(name).expect("backend exists").addr)
 }
 
-/// Waits until the live ring holds exactly `names`; returns slots per backend.
-fn wait_ring(lab: &Lab, names: &[&str]) -> BTreeMap<Ipv4Addr, usize> {
-    let want: BTreeSet<Ipv4Addr> = names.iter().map(|n| addr(lab, n)).collect();
+fn addr6(lab: &Lab, name: &str) -> IpAddr {
+    IpAddr::V6(lab.backend_by_name(name).expect("backend exists").v6())
+}
+
+/// The TCP service entry on `vip` (either family) in the pinned maps.
+fn service_entry(maps: &LbMaps, vip: SocketAddr) -> anyhow::Result<ServiceValue> {
+    match vip.ip() {
+        IpAddr::V4(a) => maps.service_v4(a, vip.port(), PROTO_TCP),
+        IpAddr::V6(a) => maps.service_v6(a, vip.port(), PROTO_TCP),
+    }
+}
+
+/// Waits until the live ring of the TCP service on `vip` holds exactly
+/// `want`; returns slots per backend.
+fn wait_ring(lab: &Lab, vip: SocketAddr, want: &[IpAddr]) -> BTreeMap<IpAddr, usize> {
+    let want: BTreeSet<IpAddr> = want.iter().copied().collect();
     wait_for(
-        &format!("the ring to hold {names:?}"),
+        &format!("the ring of {vip} to hold {want:?}"),
         RING_DEADLINE,
         || {
             let maps = lab.maps()?;
-            let svc = maps.service_v4(lab.vip, AMQP, PROTO_TCP)?;
-            if maps.ring_members(&svc)? != want {
-                return Ok(None);
-            }
+            let svc = service_entry(&maps, vip)?;
             let mut slots = BTreeMap::new();
             for id in maps.ring(&svc)? {
-                let b = maps.backend(id)?;
-                let a = lb_common::v4_unmapped(&b.addr).expect("ipv4 backend");
-                *slots.entry(Ipv4Addr::from(a)).or_insert(0) += 1;
+                if id != 0 {
+                    *slots.entry(maps.backend_ip(id)?).or_insert(0) += 1;
+                }
             }
-            Ok(Some(slots))
+            Ok((slots.keys().copied().collect::<BTreeSet<_>>() == want).then_some(slots))
         },
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()))
 }
 
-/// Asserts every connection is on the backend the live ring predicts.
-fn assert_predicted(lab: &Lab, conns: &[Conn]) {
+/// Asserts every connection to `dst` is on the backend the live ring predicts.
+fn assert_predicted(lab: &Lab, dst: SocketAddr, conns: &[Conn]) {
     let maps = lab.maps().expect("pinned maps");
-    let svc = maps.service_v4(lab.vip, AMQP, PROTO_TCP).expect("service");
-    let dst = SocketAddr::from((lab.vip, AMQP));
+    let svc = service_entry(&maps, dst).expect("service");
     for c in conns {
         let a = maps
             .predict_any(&svc, c.src, dst, PROTO_TCP)
@@ -79,7 +94,7 @@ fn assert_predicted(lab: &Lab, conns: &[Conn]) {
 }
 
 /// A backend's share of the ring is its share of the weights, within 3%.
-fn assert_shares(slots: &BTreeMap<Ipv4Addr, usize>, weights: &[(Ipv4Addr, u32)]) {
+fn assert_shares(slots: &BTreeMap<IpAddr, usize>, weights: &[(IpAddr, u32)]) {
     let total: u32 = weights.iter().map(|w| w.1).sum();
     for &(a, w) in weights {
         let share = slots.get(&a).copied().unwrap_or(0) as f64 / RING as f64;
@@ -158,13 +173,13 @@ fn apply_file_export_and_edit(mode: XdpMode) {
              applied 5 changes\n"
         )
     );
-    let slots = wait_ring(&lab, &["b1", "b2", "b3"]);
+    let slots = wait_ring(&lab, vip_amqp(&lab), &[b1, b2, b3]);
     assert_shares(&slots, &[(b1, 100), (b2, 100), (b3, 300)]);
     let maps = lab.maps().expect("pinned maps");
     let svc = maps.service_v4(vip, AMQP, PROTO_TCP).expect("service");
     assert_eq!((svc.seed, svc.ring_size), (11, RING as u32));
     let mut conns = open_conns(&lab, 60);
-    assert_predicted(&lab, &conns);
+    assert_predicted(&lab, vip_amqp(&lab), &conns);
     for (i, c) in conns.iter_mut().enumerate() {
         ask(c, &format!("one {i}"));
     }
@@ -203,11 +218,11 @@ fn apply_file_export_and_edit(mode: XdpMode) {
     // The edit itself: b1 leaves the ring, b2 gets more of it.
     let out = lab.mqlb(&["apply", "-f", &path]).expect("apply the edit");
     assert_eq!(out, format!("{diff}applied 2 changes\n"));
-    let slots = wait_ring(&lab, &["b2", "b3"]);
+    let slots = wait_ring(&lab, vip_amqp(&lab), &[b2, b3]);
     assert_shares(&slots, &[(b2, 200), (b3, 300)]);
     let maps = lab.maps().expect("pinned maps");
     let id = maps
-        .backend_id(b1)
+        .backend_id(lab.backend_by_name("b1").expect("b1").addr)
         .expect("BACKENDS")
         .expect("b1's entry is held");
     assert_eq!(
@@ -220,7 +235,7 @@ fn apply_file_export_and_edit(mode: XdpMode) {
         ask(c, &format!("two {i}"));
     }
     let fresh = open_conns(&lab, 20);
-    assert_predicted(&lab, &fresh);
+    assert_predicted(&lab, vip_amqp(&lab), &fresh);
     assert!(fresh.iter().all(|c| c.backend != "b1"), "no new flow on b1");
 
     // A broken file: exit 1, FILE:LINE and the field, nothing changed.
@@ -256,12 +271,119 @@ fn apply_file_export_and_edit(mode: XdpMode) {
     );
     assert!(stderr.contains("has no services"), "{stderr}");
     assert_eq!(lab.mqlb(&["export"]).expect("export"), before);
-    assert_eq!(wait_ring(&lab, &["b2", "b3"]), slots);
+    assert_eq!(wait_ring(&lab, vip_amqp(&lab), &[b2, b3]), slots);
 }
 
 #[test]
 fn apply_file_export_and_edit_skb() {
     if require_root("apply_file_export_and_edit_skb") {
         apply_file_export_and_edit(XdpMode::Skb);
+    }
+}
+
+/// An IPv6 `a` written the long way (`FD00:1:0:0:0:0:0:11`): a file may
+/// spell an address any way; the daemon compares and shows addresses.
+fn long_form(a: IpAddr) -> String {
+    match a {
+        IpAddr::V6(a) => a.segments().map(|s| format!("{s:X}")).join(":"),
+        IpAddr::V4(a) => a.to_string(),
+    }
+}
+
+/// IPv6 in the file: `amqp6` on the IPv6 VIP (`[ADDR]:PORT`) over the
+/// backends' IPv6 addresses (6-in-6), `four-in-six` on the IPv4 VIP over
+/// IPv6 backends. Applied in one step; export → apply changes nothing (and
+/// so does the file again, its long-form addresses included); connections
+/// through both VIPs land where the live rings predict.
+fn apply_ipv6_file(mode: XdpMode) {
+    let mut lab = Lab::start(LabConfig {
+        mode,
+        ipv6: true,
+        ..LabConfig::default()
+    })
+    .unwrap_or_else(|e| panic!("the lab did not start: {e:#}"));
+    lab.serve_tcp(AMQP).expect("IPv4 VIP servers");
+    lab.serve_tcp6(AMQP).expect("IPv6 VIP servers");
+    let (b1, b2, b3) = (addr6(&lab, "b1"), addr6(&lab, "b2"), addr6(&lab, "b3"));
+    let vip6 = lab.vip6.expect("the lab has an IPv6 VIP");
+    let (vip4, vip6) = (vip_amqp(&lab), SocketAddr::from((vip6, AMQP)));
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[[service]]\n\
+         name = \"amqp6\"\n\
+         vip = \"[{}]:{AMQP}\"\n\
+         proto = \"tcp\"\n\
+         ring_size = {RING}\n\
+         backends = [\n\
+         \x20   {{ ip = \"{}\" }},\n\
+         \x20   {{ ip = \"{b2}\" }},\n\
+         \x20   {{ ip = \"{b3}\", weight = 300 }},\n\
+         ]\n\
+         \n\
+         [[service]]\n\
+         name = \"four-in-six\"\n\
+         vip = \"{vip4}\"\n\
+         proto = \"tcp\"\n\
+         ring_size = {RING}\n\
+         backends = [{{ ip = \"{}\" }}, {{ ip = \"{b2}\" }}]\n",
+        long_form(vip6.ip()),
+        long_form(b1),
+        long_form(b1),
+    );
+    let path = write(&dir.path().join("mqlb.toml"), &text);
+    let out = lab
+        .mqlb(&["apply", "-f", &path])
+        .unwrap_or_else(|e| panic!("apply: {e:#}\n{text}\n{}", lab.diagnostics()));
+    assert_eq!(
+        out,
+        format!(
+            "+ service amqp6 {vip6}/tcp\n\
+             + backend amqp6 {b1} weight 100\n\
+             + backend amqp6 {b2} weight 100\n\
+             + backend amqp6 {b3} weight 300\n\
+             + service four-in-six {vip4}/tcp\n\
+             + backend four-in-six {b1} weight 100\n\
+             + backend four-in-six {b2} weight 100\n\
+             applied 7 changes\n"
+        ),
+        "{text}"
+    );
+    let slots = wait_ring(&lab, vip6, &[b1, b2, b3]);
+    assert_shares(&slots, &[(b1, 100), (b2, 100), (b3, 300)]);
+    wait_ring(&lab, vip4, &[b1, b2]);
+
+    // export → apply, and the file itself again: nothing to do.
+    let exported = lab.mqlb(&["export"]).expect("export");
+    assert!(
+        exported.contains(&format!("vip = \"{vip6}\"\n")),
+        "{exported}"
+    );
+    assert!(
+        exported.contains(&format!("{{ ip = \"{b3}\", weight = 300 }}")),
+        "{exported}"
+    );
+    let export_path = write(&dir.path().join("export.toml"), &exported);
+    for file in [&export_path, &path] {
+        let out = lab.mqlb(&["apply", "-f", file]).expect("apply again");
+        assert_eq!(out, "no changes\n", "{file}");
+    }
+    assert_eq!(lab.mqlb(&["export"]).expect("export"), exported);
+
+    // Real flows through both VIPs, each on its predicted IPv6 backend.
+    for (vip, n) in [(vip6, 60), (vip4, 30)] {
+        let mut conns = conn::open_conns(&lab, vip, n);
+        assert_predicted(&lab, vip, &conns);
+        for (i, c) in conns.iter_mut().enumerate() {
+            ask(c, &format!("{vip} {i}"));
+        }
+        let used: BTreeSet<&str> = conns.iter().map(|c| c.backend.as_str()).collect();
+        eprintln!("{vip}: flows on {used:?}");
+    }
+}
+
+#[test]
+fn apply_ipv6_file_skb() {
+    if require_root("apply_ipv6_file_skb") {
+        apply_ipv6_file(XdpMode::Skb);
     }
 }

@@ -10,7 +10,7 @@
 
 use lb_common::{backend_flags, Counter, PROTO_TCP, PROTO_UDP};
 use mqlb_tests::conn::{self, IO_TIMEOUT};
-use mqlb_tests::lab::{wait_for, Lab, LabConfig, XdpMode};
+use mqlb_tests::lab::{find_counter, wait_for, Lab, LabConfig, XdpMode};
 use mqlb_tests::privileged::require_root;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -143,17 +143,113 @@ fn tcp6_flows_predicted(mode: XdpMode) {
     assert_eq!(counts.len(), 3, "every backend took flows: {counts:?}");
 }
 
-#[test]
-fn tcp6_flows_predicted_skb() {
-    if require_root("tcp6_flows_predicted_skb") {
-        tcp6_flows_predicted(XdpMode::Skb);
-    }
+/// Declares one test per XDP mode for `body`, each first requiring root
+/// (as `e2e.rs` does): generic (skb), and native (XDP_TX into a veth, whose
+/// peer runs `mqlb decap`).
+macro_rules! in_both_modes {
+    ($($body:ident: $skb:ident, $native:ident;)+) => {$(
+        #[test]
+        fn $skb() {
+            if require_root(stringify!($skb)) {
+                $body(XdpMode::Skb);
+            }
+        }
+
+        #[test]
+        fn $native() {
+            if require_root(stringify!($native)) {
+                $body(XdpMode::Native);
+            }
+        }
+    )+};
 }
 
-#[test]
-fn tcp6_flows_predicted_native() {
-    if require_root("tcp6_flows_predicted_native") {
-        tcp6_flows_predicted(XdpMode::Native);
+in_both_modes! {
+    tcp6_flows_predicted: tcp6_flows_predicted_skb, tcp6_flows_predicted_native;
+    one_mib_with_ipv6_pmtu: one_mib_with_ipv6_pmtu_skb, one_mib_with_ipv6_pmtu_native;
+}
+
+/// `icmp_too_big` as `mqlb stats --json` shows it.
+fn too_big_sent(lab: &Lab) -> u64 {
+    let stats = lab.stats_json().unwrap_or_else(|e| panic!("{e:#}"));
+    let name = Counter::IcmpTooBig.name();
+    find_counter(&stats, name)
+        .unwrap_or_else(|| panic!("`mqlb stats --json` has no {name} counter: {stats}"))
+}
+
+/// A second TCP port on the IPv6 VIP, for the 6-in-4 service.
+const AMQP_ALT: u16 = 5673;
+
+/// 1 MiB through the VIP over 1500-byte links, through each tunnel that
+/// involves IPv6: an IPv6 client through the IPv6 VIP to IPv4 backends
+/// (6-in-4, 20 bytes more) and to IPv6 backends (6-in-6, 40 more), where the
+/// LB answers ICMPv6 packet-too-big, and an IPv4 client through the IPv4 VIP
+/// to IPv6 backends (4-in-6, 40 more: ICMP fragmentation-needed). The
+/// client's path-MTU discovery shrinks its segments; the bytes arrive intact
+/// at the predicted backend. 6-in-4 goes first: the client caches one path
+/// MTU per destination, and 6-in-6's smaller one must still be learnt.
+fn one_mib_with_ipv6_pmtu(mode: XdpMode) {
+    let mut lab = start_lab(mode);
+    lab.serve_tcp6(AMQP).expect("IPv6 VIP servers");
+    lab.serve_tcp6(AMQP_ALT).expect("IPv6 VIP servers");
+    lab.serve_tcp(AMQP).expect("IPv4 VIP servers");
+    let v6: Vec<IpAddr> = lab.backends.iter().map(|b| IpAddr::V6(b.v6())).collect();
+    let v4: Vec<IpAddr> = lab.backends.iter().map(|b| IpAddr::V4(b.addr)).collect();
+    let (vip6, vip4) = (vip6(&lab), IpAddr::V4(lab.vip));
+    service(&lab, "six-in-four", vip6, AMQP_ALT, "tcp", &v4);
+    service(&lab, "six-in-six", vip6, AMQP, "tcp", &v6);
+    service(&lab, "four-in-six", vip4, AMQP, "tcp", &v6);
+    let data = conn::pattern(1 << 20);
+    // The path MTU is the 1500-byte links' less the outer header.
+    for (dst, tunnel, mtu) in [
+        (SocketAddr::new(vip6, AMQP_ALT), "6-in-4", 1480),
+        (SocketAddr::new(vip6, AMQP), "6-in-6", 1460),
+        (SocketAddr::new(vip4, AMQP), "4-in-6", 1460),
+    ] {
+        let before = too_big_sent(&lab);
+        let mut c = conn::open_conns(&lab, dst, 1)
+            .pop()
+            .expect("one connection");
+        let maps = lab.maps().expect("pinned maps");
+        let svc = match dst.ip() {
+            IpAddr::V4(a) => maps.service_v4(a, dst.port(), PROTO_TCP),
+            IpAddr::V6(a) => maps.service_v6(a, dst.port(), PROTO_TCP),
+        }
+        .expect("service entry");
+        let want = maps
+            .predict_any(&svc, c.src, dst, PROTO_TCP)
+            .expect("predict");
+        let want = &lab.backend_by_ip(want).expect("predicted backend").name;
+        assert_eq!(
+            &c.backend, want,
+            "{tunnel}: flow {} not where the ring says",
+            c.src
+        );
+        let (reply, intact) = c.bulk(&data).unwrap_or_else(|e| {
+            panic!(
+                "{tunnel}: sending 1 MiB to {dst} stalled: {e}\n{}",
+                lab.diagnostics()
+            )
+        });
+        assert_eq!(
+            reply, intact,
+            "{tunnel}: the bytes arrived intact at {want}"
+        );
+        let after = too_big_sent(&lab);
+        let route = lab
+            .client
+            .ip(&["route", "get", &dst.ip().to_string()])
+            .unwrap_or_default();
+        eprintln!("{tunnel}: icmp_too_big {before} -> {after}; client route: {route}");
+        assert!(
+            after > before,
+            "{tunnel}: icmp_too_big stayed at {after}: the LB sent no too-big \
+             (client route: {route})"
+        );
+        assert!(
+            route.contains(&format!("mtu {mtu} ")),
+            "{tunnel}: the client learnt path MTU {mtu}: {route}"
+        );
     }
 }
 
