@@ -30,3 +30,26 @@ pub fn require_root(test: &str) -> bool {
     eprintln!("SKIPPED {test}: needs root (run `sudo -E cargo xtask test`)");
     false
 }
+
+/// Declares one test per XDP mode for each `body: skb_name, native_name;`,
+/// each first requiring root ([`require_root`]): generic (skb) mode, and
+/// native mode (XDP_TX into a veth, whose peer then needs an XDP program:
+/// the lab attaches `mqlb decap` there).
+#[macro_export]
+macro_rules! in_both_modes {
+    ($($body:ident: $skb:ident, $native:ident;)+) => {$(
+        #[test]
+        fn $skb() {
+            if $crate::privileged::require_root(stringify!($skb)) {
+                $body($crate::lab::XdpMode::Skb);
+            }
+        }
+
+        #[test]
+        fn $native() {
+            if $crate::privileged::require_root(stringify!($native)) {
+                $body($crate::lab::XdpMode::Native);
+            }
+        }
+    )+};
+}

@@ -118,28 +118,7 @@ fn per_backend(conns: &[Conn]) -> BTreeMap<String, usize> {
     counts
 }
 
-/// Declares one test per XDP mode for `body`, each first requiring root:
-/// generic (skb) mode, and native mode (XDP_TX into a veth, whose peer then
-/// needs an XDP program: the lab attaches `mqlb decap` there).
-macro_rules! in_both_modes {
-    ($($body:ident: $skb:ident, $native:ident;)+) => {$(
-        #[test]
-        fn $skb() {
-            if require_root(stringify!($skb)) {
-                $body(XdpMode::Skb);
-            }
-        }
-
-        #[test]
-        fn $native() {
-            if require_root(stringify!($native)) {
-                $body(XdpMode::Native);
-            }
-        }
-    )+};
-}
-
-in_both_modes! {
+mqlb_tests::in_both_modes! {
     tcp_flows_predicted_dsr: tcp_flows_predicted_dsr_skb, tcp_flows_predicted_dsr_native;
     udp_flows_predicted: udp_flows_predicted_skb, udp_flows_predicted_native;
     established_flows_survive_add_drain_delete: established_flows_survive_add_drain_delete_skb, established_flows_survive_add_drain_delete_native;

@@ -29,6 +29,16 @@ fn start_lab(mode: XdpMode) -> Lab {
     .unwrap_or_else(|e| panic!("the lab did not start: {e:#}"))
 }
 
+/// The backends' IPv4 addresses.
+fn v4_backends(lab: &Lab) -> Vec<IpAddr> {
+    lab.backends.iter().map(|b| IpAddr::V4(b.addr)).collect()
+}
+
+/// The backends' IPv6 addresses.
+fn v6_backends(lab: &Lab) -> Vec<IpAddr> {
+    lab.backends.iter().map(|b| IpAddr::V6(b.v6())).collect()
+}
+
 fn vip6(lab: &Lab) -> IpAddr {
     IpAddr::V6(lab.vip6.expect("the lab has an IPv6 VIP"))
 }
@@ -135,7 +145,7 @@ fn tcp_flows(lab: &Lab, vip: IpAddr, n: usize) -> BTreeMap<String, usize> {
 fn tcp6_flows_predicted(mode: XdpMode) {
     let mut lab = start_lab(mode);
     lab.serve_tcp6(AMQP).expect("backend TCP servers");
-    let backends: Vec<IpAddr> = lab.backends.iter().map(|b| IpAddr::V6(b.v6())).collect();
+    let backends = v6_backends(&lab);
     service(&lab, "amqp6", vip6(&lab), AMQP, "tcp", &backends);
     let counts = tcp_flows(&lab, vip6(&lab), 60);
     eprintln!("IPv6 connections per backend: {counts:?}");
@@ -143,28 +153,7 @@ fn tcp6_flows_predicted(mode: XdpMode) {
     assert_eq!(counts.len(), 3, "every backend took flows: {counts:?}");
 }
 
-/// Declares one test per XDP mode for `body`, each first requiring root
-/// (as `e2e.rs` does): generic (skb), and native (XDP_TX into a veth, whose
-/// peer runs `mqlb decap`).
-macro_rules! in_both_modes {
-    ($($body:ident: $skb:ident, $native:ident;)+) => {$(
-        #[test]
-        fn $skb() {
-            if require_root(stringify!($skb)) {
-                $body(XdpMode::Skb);
-            }
-        }
-
-        #[test]
-        fn $native() {
-            if require_root(stringify!($native)) {
-                $body(XdpMode::Native);
-            }
-        }
-    )+};
-}
-
-in_both_modes! {
+mqlb_tests::in_both_modes! {
     tcp6_flows_predicted: tcp6_flows_predicted_skb, tcp6_flows_predicted_native;
     one_mib_with_ipv6_pmtu: one_mib_with_ipv6_pmtu_skb, one_mib_with_ipv6_pmtu_native;
 }
@@ -193,8 +182,8 @@ fn one_mib_with_ipv6_pmtu(mode: XdpMode) {
     lab.serve_tcp6(AMQP).expect("IPv6 VIP servers");
     lab.serve_tcp6(AMQP_ALT).expect("IPv6 VIP servers");
     lab.serve_tcp(AMQP).expect("IPv4 VIP servers");
-    let v6: Vec<IpAddr> = lab.backends.iter().map(|b| IpAddr::V6(b.v6())).collect();
-    let v4: Vec<IpAddr> = lab.backends.iter().map(|b| IpAddr::V4(b.addr)).collect();
+    let v6 = v6_backends(&lab);
+    let v4 = v4_backends(&lab);
     let (vip6, vip4) = (vip6(&lab), IpAddr::V4(lab.vip));
     service(&lab, "six-in-four", vip6, AMQP_ALT, "tcp", &v4);
     service(&lab, "six-in-six", vip6, AMQP, "tcp", &v6);
@@ -262,7 +251,7 @@ fn udp6_flows_predicted() {
     }
     let mut lab = start_lab(XdpMode::Skb);
     lab.serve_udp6(MEDIA).expect("backend UDP servers");
-    let backends: Vec<IpAddr> = lab.backends.iter().map(|b| IpAddr::V6(b.v6())).collect();
+    let backends = v6_backends(&lab);
     let vip = vip6(&lab);
     service(&lab, "media6", vip, MEDIA, "udp", &backends);
     const FLOWS: usize = 60;
@@ -318,8 +307,8 @@ fn mixed_family_tunnels() {
     let mut lab = start_lab(XdpMode::Skb);
     lab.serve_tcp(AMQP).expect("IPv4 VIP servers");
     lab.serve_tcp6(AMQP).expect("IPv6 VIP servers");
-    let v6: Vec<IpAddr> = lab.backends.iter().map(|b| IpAddr::V6(b.v6())).collect();
-    let v4: Vec<IpAddr> = lab.backends.iter().map(|b| IpAddr::V4(b.addr)).collect();
+    let v6 = v6_backends(&lab);
+    let v4 = v4_backends(&lab);
     service(&lab, "four-in-six", IpAddr::V4(lab.vip), AMQP, "tcp", &v6);
     service(&lab, "six-in-four", vip6(&lab), AMQP, "tcp", &v4);
     let c46 = tcp_flows(&lab, IpAddr::V4(lab.vip), 30);
@@ -344,8 +333,8 @@ fn first_packets_to_unresolved_neighbours() {
     let mut lab = start_lab(XdpMode::Skb);
     lab.serve_udp(MEDIA).expect("IPv4 UDP servers");
     lab.serve_udp6(MEDIA).expect("IPv6 UDP servers");
-    let v4: Vec<IpAddr> = lab.backends.iter().map(|b| IpAddr::V4(b.addr)).collect();
-    let v6: Vec<IpAddr> = lab.backends.iter().map(|b| IpAddr::V6(b.v6())).collect();
+    let v4 = v4_backends(&lab);
+    let v6 = v6_backends(&lab);
     service(&lab, "media4", IpAddr::V4(lab.vip), MEDIA, "udp", &v4);
     service(&lab, "media6", vip6(&lab), MEDIA, "udp", &v6);
     lab.stop_daemon().expect("stop the daemon");
