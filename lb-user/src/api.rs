@@ -701,16 +701,17 @@ mod tests {
             &t,
             "PATCH",
             "/v1/services/mgmt",
-            Some(r#"{"health":{"rise":5,"panic_threshold":25}}"#),
+            Some(r#"{"health":{"rise":5,"panic_threshold":25,"on_down":"keep"}}"#),
         )
         .await;
         assert_eq!(st, 200, "{v}");
         assert_eq!(
             (
                 v["health"]["rise"].as_u64(),
-                v["health"]["panic_threshold"].as_u64()
+                v["health"]["panic_threshold"].as_u64(),
+                v["health"]["on_down"].as_str()
             ),
-            (Some(5), Some(25))
+            (Some(5), Some(25), Some("keep"))
         );
         assert_eq!(v["health"]["password"], "***");
         let (st, v) = call(

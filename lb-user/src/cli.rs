@@ -16,7 +16,7 @@ use crate::{
     api::{BackendView, ServiceView, ShutdownReply, ShutdownRequest, StatsView},
     client::{segment, Client, ClientError},
     daemon::{self, DaemonError, UpOptions, DEFAULT_SOCKET, DEFAULT_STATE_ROOT},
-    health::{CheckKind, HealthConfig, HealthSpec, HealthView, Status},
+    health::{CheckKind, HealthConfig, HealthSpec, HealthView, OnDown, Status},
     host,
     loader::{self, LoadError, Mode},
     manifest::{self, ApplyReply, ApplyRequest, Desired, Manifest, ManifestError},
@@ -131,8 +131,8 @@ pub enum Command {
     /// A service's keys are the `service add` options in snake case: name,
     /// vip (IP:PORT, IP:LO-HI or IP:*), proto, hash, udp_idle, ring_size,
     /// check, check_interval, check_timeout, rise, fall, check_port,
-    /// check_user, check_password, panic_threshold. A key left out takes its
-    /// default. A service or
+    /// check_user, check_password, panic_threshold, on_down. A key left out
+    /// takes its default. A service or
     /// backend the file does not have is deleted (established flows finish,
     /// as with `del`); `service = []` deletes every service. A service is
     /// known by its name, a backend by its address. Without `seed` the
@@ -284,6 +284,10 @@ pub struct HealthArgs {
     /// route over all of them; 0 disables it (0-100) [default: 50]
     #[arg(long, value_name = "PCT")]
     pub panic_threshold: Option<u64>,
+    /// What happens to the established flows of a backend whose check fails
+    /// (it takes no new flows either way) [default: reset]
+    #[arg(long, value_enum)]
+    pub on_down: Option<OnDown>,
 }
 
 impl HealthArgs {
@@ -299,6 +303,7 @@ impl HealthArgs {
             user: self.check_user.clone(),
             password: self.check_password.clone(),
             panic_threshold: self.panic_threshold,
+            on_down: self.on_down,
         })
     }
 }
@@ -1508,6 +1513,8 @@ mod tests {
             "guest",
             "--panic-threshold",
             "0",
+            "--on-down",
+            "keep",
         ])
         .unwrap();
         let Command::Service(ServiceCmd::Set { name, health }) = cli.command else {
@@ -1522,6 +1529,7 @@ mod tests {
             (Some(1), Some(2), Some(0))
         );
         assert!(matches!(spec.check, Some(CheckKind::Http(_))));
+        assert_eq!(spec.on_down, Some(OnDown::Keep));
         let cli = parse(&[
             "service",
             "add",
@@ -1540,6 +1548,20 @@ mod tests {
             panic!()
         };
         assert_eq!(health.spec().unwrap().port, Some(5673));
+        assert_eq!(health.spec().unwrap().on_down, None, "left out: unchanged");
+        let err = parse(&["service", "set", "a", "--on-down", "drop"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue);
+        let first = err.to_string();
+        let first = first.lines().next().unwrap();
+        assert!(
+            first.contains("invalid value 'drop' for '--on-down <ON_DOWN>'"),
+            "{err}"
+        );
+        let possible = err.render().to_string();
+        assert!(
+            possible.contains("[possible values: reset, keep]"),
+            "{possible}"
+        );
         let err = parse(&["service", "set", "a", "--check-interval", "soon"]).unwrap_err();
         assert!(err.to_string().contains("2s or 500ms"), "{err}");
     }

@@ -137,13 +137,23 @@ impl Core {
         }
         let applied = read_applied(&*dp, &state)?;
         // Health is not saved, but a backend the previous daemon wrote DOWN
-        // stays down until it passes `rise` checks.
+        // stays down until it passes `rise` checks. With `on_down = keep` a
+        // down backend was written DRAINING: one the operator did not drain
+        // was taken out by its check (down or 503), so it starts down too.
         let mut health = BTreeMap::new();
         for svc in state.services.iter().filter(|s| s.health.enabled()) {
+            let keep = svc.health.on_down == health::OnDown::Keep;
             for b in &svc.backends {
-                let was_down = applied.backends.get(&b.id).is_some_and(|e| {
-                    e.state == lb_common::backend_state::DOWN && e.addr == addr16(b.addr)
-                });
+                let out_by_check = |st: u8| {
+                    st == lb_common::backend_state::DOWN
+                        || (keep
+                            && st == lb_common::backend_state::DRAINING
+                            && b.state == BackendState::Active)
+                };
+                let was_down = applied
+                    .backends
+                    .get(&b.id)
+                    .is_some_and(|e| out_by_check(e.state) && e.addr == addr16(b.addr));
                 if was_down {
                     info!(
                         service = %svc.name, backend = %b.addr,
@@ -1516,6 +1526,52 @@ mod tests {
         let t = target(&core, ids[1]);
         core.report(&t, pass(), MS);
         core.report(&t, pass(), MS);
+        assert_eq!(live_table(&mem, &core).len(), 3);
+    }
+
+    #[test]
+    fn on_down_keep_leaves_flows_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut core, mem) = core_with_maps(dir.path());
+        let ids = checked(&mut core, 3);
+        core.set_service(
+            "amqp",
+            &ServiceUpdate {
+                health: health::HealthSpec {
+                    on_down: Some(health::OnDown::Keep),
+                    ..Default::default()
+                },
+            },
+        )
+        .unwrap();
+        let t = target(&core, ids[1]);
+        for _ in 0..3 {
+            core.report(&t, fail(), MS);
+        }
+        assert_eq!(core.health_of(ids[1]).unwrap().status, Status::Down);
+        assert_eq!(live_table(&mem, &core), [ids[0], ids[2]].into());
+        assert_eq!(
+            map_state(&mem, ids[1]),
+            lb_common::backend_state::DRAINING,
+            "its flows stay"
+        );
+        drop(core);
+        let state = StateStore::new(dir.path()).load().unwrap().unwrap();
+        let mut core = Core::new(
+            state,
+            StateStore::new(dir.path()),
+            Box::new(mem.clone()),
+            StatusView::default(),
+        )
+        .unwrap();
+        core.sync().unwrap();
+        assert_eq!(core.health_of(ids[1]).unwrap().status, Status::Down);
+        assert_eq!(live_table(&mem, &core), [ids[0], ids[2]].into());
+        assert_eq!(map_state(&mem, ids[1]), lb_common::backend_state::DRAINING);
+        let t = target(&core, ids[1]);
+        core.report(&t, pass(), MS);
+        core.report(&t, pass(), MS);
+        assert_eq!(map_state(&mem, ids[1]), lb_common::backend_state::ACTIVE);
         assert_eq!(live_table(&mem, &core).len(), 3);
     }
 

@@ -14,7 +14,9 @@
 //! - Health is runtime state, never saved. A backend starts up ("unchecked")
 //!   so that a daemon restart never empties a table; it needs `fall` failed
 //!   checks to leave. Exception: a backend the pinned `BACKENDS` map holds as
-//!   `DOWN` (the previous daemon found it down) starts down and needs `rise`.
+//!   `DOWN` (the previous daemon found it down) starts down and needs `rise`;
+//!   with `on_down = keep`, so does one it holds as `DRAINING` that the
+//!   operator did not drain.
 //! - Down: out of the Maglev table, `BACKENDS` state `DOWN` (the program
 //!   re-hashes its conntrack hits: UDP flows move, TCP flows fail fast).
 //!   Draining (503): out of the table, state `DRAINING` (flows stay).
@@ -23,6 +25,10 @@
 //!   down backends go back into the table and are written `ACTIVE`: the load
 //!   is spread over all of them rather than piled onto the few (Envoy's panic
 //!   threshold). 0 disables it.
+//! - `on_down` ([`OnDown`]): `reset` (the default) writes a down backend
+//!   `DOWN` as above; `keep` writes it `DRAINING`: out of the table, its
+//!   established flows stay (HAProxy's `on-marked-down`, for backends that
+//!   are slow rather than dead). Panic mode overrules both.
 //!
 //! The HTTP probe uses hyper's HTTP/1.1 client connection (already the CLI's
 //! client): one request per connection, `Connection: close`, plain http
@@ -178,6 +184,28 @@ fn check_url(url: &str) -> Result<Uri, StateError> {
     Ok(uri)
 }
 
+/// What happens to the established flows of a backend whose check says down.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDown {
+    /// Re-hash them: UDP flows move to a healthy backend, TCP clients fail
+    /// fast and reconnect (`BACKENDS` state `DOWN`)
+    #[default]
+    Reset,
+    /// They stay on it, for backends that are slow rather than dead
+    /// (`BACKENDS` state `DRAINING`)
+    Keep,
+}
+
+impl fmt::Display for OnDown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OnDown::Reset => "reset",
+            OnDown::Keep => "keep",
+        })
+    }
+}
+
 /// A service's health check settings, saved with the service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthConfig {
@@ -197,6 +225,9 @@ pub struct HealthConfig {
     pub password: Option<String>,
     /// Percent; 0 disables panic mode.
     pub panic_threshold: u8,
+    /// The established flows of a down backend: reset or kept.
+    #[serde(default)]
+    pub on_down: OnDown,
 }
 
 impl Default for HealthConfig {
@@ -211,6 +242,7 @@ impl Default for HealthConfig {
             user: None,
             password: None,
             panic_threshold: DEFAULT_PANIC_PCT,
+            on_down: OnDown::Reset,
         }
     }
 }
@@ -240,6 +272,8 @@ pub struct HealthSpec {
     pub password: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub panic_threshold: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_down: Option<OnDown>,
 }
 
 impl HealthSpec {
@@ -303,6 +337,9 @@ impl HealthConfig {
                     "panic threshold {v} is out of range (0-100 percent)"
                 ))
             })?;
+        }
+        if let Some(v) = spec.on_down {
+            c.on_down = v;
         }
         c.validate()?;
         Ok(c)
@@ -389,7 +426,8 @@ impl HealthConfig {
     }
 
     /// One line for people, e.g. `amqp :5672 every 2s (timeout 1s, rise 2,
-    /// fall 3), panic below 50%`; never the password. `service_port` is
+    /// fall 3), panic below 50%` (`, keeps flows of down backends` added
+    /// with `on_down = keep`); never the password. `service_port` is
     /// `None` for a port-range service.
     pub fn summary(&self, service_port: Option<u16>) -> String {
         let what = match &self.check {
@@ -408,8 +446,12 @@ impl HealthConfig {
         } else {
             format!("panic below {}%", self.panic_threshold)
         };
+        let keep = match self.on_down {
+            OnDown::Reset => "",
+            OnDown::Keep => ", keeps flows of down backends",
+        };
         format!(
-            "{what} every {} (timeout {}, rise {}, fall {}), {panic}",
+            "{what} every {} (timeout {}, rise {}, fall {}), {panic}{keep}",
             fmt_ms(self.interval_ms),
             fmt_ms(self.timeout_ms),
             self.rise,
@@ -1318,6 +1360,23 @@ mod tests {
             c3.summary(Some(5672)),
             "amqp :5672 every 2s (timeout 1s, rise 2, fall 3), panic below 50%"
         );
+        let keep = c3
+            .apply(&HealthSpec {
+                on_down: Some(OnDown::Keep),
+                ..spec()
+            })
+            .unwrap();
+        assert_eq!(keep.on_down, OnDown::Keep);
+        assert_eq!(
+            keep.summary(Some(5672)),
+            "amqp :5672 every 2s (timeout 1s, rise 2, fall 3), panic below 50%, \
+             keeps flows of down backends"
+        );
+        let back = keep.apply(&HealthSpec {
+            on_down: Some(OnDown::Reset),
+            ..spec()
+        });
+        assert_eq!(back.unwrap(), c3, "reset is the default");
     }
 
     // ---- probes against real sockets on loopback ----

@@ -16,6 +16,7 @@
 //! rise = 2
 //! fall = 3
 //! panic_threshold = 50
+//! on_down = "reset"             # reset | keep (flows of a down backend)
 //! backends = [
 //!     { ip = "10.0.1.1", weight = 100 },
 //!     { ip = "10.0.1.2", weight = 200, state = "draining" },
@@ -61,7 +62,7 @@ use toml_edit::{ImDocument, Item, TableLike, Value};
 
 use crate::{
     daemon::ConfigFile,
-    health::{CheckKind, HealthConfig, HealthSpec, MAX_RISE_FALL, REDACTED},
+    health::{CheckKind, HealthConfig, HealthSpec, OnDown, MAX_RISE_FALL, REDACTED},
     loader::Mode,
     state::{
         check_health_port, check_name, check_ring_size, check_udp_idle, check_weight,
@@ -180,6 +181,9 @@ pub struct ServiceEntry {
     pub check_password: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub panic_threshold: Option<u64>,
+    /// `reset` or `keep` [default: reset].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_down: Option<OnDown>,
     #[serde(default)]
     pub backends: Vec<BackendEntry>,
 }
@@ -585,6 +589,7 @@ fn export_service(s: &Service) -> ServiceEntry {
             timing || h.panic_threshold != d.panic_threshold,
             h.panic_threshold.into(),
         ),
+        on_down: (h.on_down != d.on_down).then_some(h.on_down),
         backends: s
             .backends
             .iter()
@@ -644,6 +649,7 @@ pub fn to_toml(d: &Desired) -> String {
         text(&mut out, "check_user", &s.check_user);
         text(&mut out, "check_password", &s.check_password);
         num(&mut out, "panic_threshold", s.panic_threshold);
+        text(&mut out, "on_down", &s.on_down.map(|v| v.to_string()));
         if s.backends.is_empty() {
             out.push_str("backends = []\n");
             continue;
@@ -817,6 +823,7 @@ fn norm_health(e: &ServiceEntry, at: &At, secrets: Secrets) -> Result<HealthConf
         user: e.check_user.clone(),
         password,
         panic_threshold: e.panic_threshold,
+        on_down: e.on_down,
     };
     HealthConfig::default().apply(&spec).map_err(|err| {
         let field = match health_field(&err) {
@@ -973,6 +980,7 @@ fn setting_changes(old: &Service, n: &Norm) -> Vec<(&'static str, String, String
         a.panic_threshold.to_string(),
         b.panic_threshold.to_string(),
     );
+    diff("on_down", a.on_down.to_string(), b.on_down.to_string());
     out
 }
 
@@ -1311,6 +1319,7 @@ weight = 5
                 user: Some("gu\"est".into()),
                 password: Some("s3cret".into()),
                 panic_threshold: Some(0),
+                on_down: Some(OnDown::Keep),
                 ..Default::default()
             },
         };
@@ -1333,6 +1342,30 @@ weight = 5
             let json = serde_json::to_string(&d).unwrap();
             assert_eq!(serde_json::from_str::<Desired>(&json).unwrap(), d);
         }
+    }
+
+    #[test]
+    fn on_down_round_trips_and_is_written_only_when_not_the_default() {
+        let s = rich_state();
+        let text = to_toml(&export(&s));
+        assert_eq!(text.matches("on_down").count(), 1, "{text}");
+        assert!(
+            text.contains("panic_threshold = 0\non_down = \"keep\"\n"),
+            "{text}"
+        );
+        let (next, changes) = apply_to(&s, &desired(&text)).unwrap();
+        assert_eq!((changes, &next), (vec![], &s));
+        assert_eq!(next.service("mgmt").unwrap().health.on_down, OnDown::Keep);
+        // Left out: back to reset, shown as a change.
+        let edited = text.replace("on_down = \"keep\"\n", "");
+        let (next, changes) = apply_to(&s, &desired(&edited)).unwrap();
+        assert_eq!(lines(&changes), ["~ service mgmt on_down keep -> reset"]);
+        assert_eq!(next.service("mgmt").unwrap().health.on_down, OnDown::Reset);
+        let again = desired(&edited.replace(
+            "panic_threshold = 0\n",
+            "panic_threshold = 0\non_down = \"keep\"\n",
+        ));
+        assert_eq!(apply_to(&next, &again).unwrap().0, s);
     }
 
     #[test]
@@ -1612,6 +1645,10 @@ weight = 5
                 "[[service]]\nname = \"a\"\nvip = \"10.0.0.1:1\"\nproto = \"tcp\"\ncheck = \"tcp\"\n\
                  check_user = \"u\"\ncheck_password = \"p\"\n",
                 "mqlb.toml:6: field check_user (service a): check credentials apply to http checks only",
+            ),
+            (
+                "[[service]]\nname = \"a\"\nvip = \"10.0.0.1:1\"\nproto = \"tcp\"\non_down = \"drop\"\n",
+                "mqlb.toml:5: field on_down (service a): unknown variant `drop`, expected `reset` or `keep`",
             ),
         ];
         for (text, want) in cases {

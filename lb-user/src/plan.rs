@@ -23,7 +23,8 @@
 //!
 //! Health checks ([`Health`]) shape both: a backend whose check says down is
 //! out of its table and written `DOWN` (the program re-hashes its
-//! established flows), one that answers draining is out of the table and
+//! established flows), or `DRAINING` if its service says `on_down = keep`
+//! (they stay); one that answers draining is out of the table and
 //! written `DRAINING`; in a service in panic mode, down backends are in the
 //! table and written `ACTIVE`.
 
@@ -38,7 +39,10 @@ use lb_common::{
     ring_base, v4_mapped, Backend as MapBackend, ServiceKey, ServiceValue, RANGE_PORT, RING_MAX,
 };
 
-use crate::state::{Backend, BackendState, Service, State};
+use crate::{
+    health::OnDown,
+    state::{Backend, BackendState, Service, State},
+};
 
 /// What the health checks say, as the plan needs it (runtime, never saved).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -57,7 +61,10 @@ pub fn effective(svc: &Service, b: &Backend, health: &Health) -> (u8, bool) {
     // In panic mode the checks' "down" is overruled: route over all of them.
     let down = health.down.contains(&b.id) && !health.panic.contains(&svc.id);
     if down {
-        return (backend_state::DOWN, false);
+        return match svc.health.on_down {
+            OnDown::Reset => (backend_state::DOWN, false),
+            OnDown::Keep => (backend_state::DRAINING, false),
+        };
     }
     if b.state == BackendState::Draining || health.draining.contains(&b.id) {
         return (backend_state::DRAINING, false);
@@ -752,6 +759,65 @@ mod tests {
         assert!(!ring.contains(&c), "draining stays out even in panic");
         assert_eq!(applied.backends[&a].state, backend_state::ACTIVE);
         assert_eq!(applied.backends[&c].state, backend_state::DRAINING);
+    }
+
+    #[test]
+    fn on_down_keep_writes_down_backends_draining() {
+        let mut s = state();
+        let mut applied = Applied::default();
+        let a = add(&mut s, "10.0.1.1");
+        let b = add(&mut s, "10.0.1.2");
+        let c = add(&mut s, "10.0.1.3");
+        step(&s, &mut applied);
+        let mut h = Health::default();
+        h.down.insert(b);
+
+        // reset (the default): DOWN, the program re-hashes its flows.
+        assert_eq!(s.services[0].health.on_down, OnDown::Reset);
+        step_with(&s, &h, &mut applied);
+        assert_eq!(applied.backends[&b].state, backend_state::DOWN);
+        assert!(!live_ring(&s, &applied).contains(&b));
+
+        // keep: DRAINING, still out of the table, its flows stay.
+        s.services[0].health.on_down = OnDown::Keep;
+        let p = step_with(&s, &h, &mut applied);
+        assert_eq!(
+            p.backends
+                .iter()
+                .map(|(id, e)| (*id, e.state))
+                .collect::<Vec<_>>(),
+            [(b, backend_state::DRAINING)],
+            "only the down backend is rewritten"
+        );
+        let ring = live_ring(&s, &applied);
+        assert!(!ring.contains(&b), "no new flows: {ring:?}");
+        assert!(ring.contains(&a) && ring.contains(&c));
+        assert_eq!(applied.backends[&a].state, backend_state::ACTIVE);
+
+        // Panic mode still routes over it, ACTIVE.
+        h.down.insert(c);
+        h.panic.insert(s.services[0].id);
+        step_with(&s, &h, &mut applied);
+        let ring = live_ring(&s, &applied);
+        assert!(ring.contains(&a) && ring.contains(&b) && ring.contains(&c));
+        assert_eq!(applied.backends[&b].state, backend_state::ACTIVE);
+        assert_eq!(applied.backends[&c].state, backend_state::ACTIVE);
+
+        // An operator's drain works as before.
+        h.panic.clear();
+        h.down.clear();
+        s.set_backend(
+            "amqp",
+            "10.0.1.1",
+            &BackendUpdate {
+                weight: None,
+                state: Some(BackendState::Draining),
+            },
+        )
+        .unwrap();
+        step_with(&s, &h, &mut applied);
+        assert_eq!(applied.backends[&a].state, backend_state::DRAINING);
+        assert!(!live_ring(&s, &applied).contains(&a));
     }
 
     #[test]

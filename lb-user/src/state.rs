@@ -1561,6 +1561,20 @@ mod tests {
     }
 
     #[test]
+    fn state_files_without_on_down_load_as_reset() {
+        // A health config as saved before `on_down` existed.
+        let text = r#"{"format":1,"seed":0,"removed":[],"services":[{"id":1,"name":"a",
+            "vip":"10.0.0.10:5672","proto":"tcp","hash":"five-tuple","udp_idle_s":60,
+            "ring_size":13,"backends":[],"health":{"check":"tcp","interval_ms":2000,
+            "timeout_ms":1000,"rise":2,"fall":3,"panic_threshold":50}}]}"#;
+        let s: State = serde_json::from_str(text).unwrap();
+        s.check().unwrap();
+        assert_eq!(s.services[0].health.on_down, crate::health::OnDown::Reset);
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["services"][0]["health"]["on_down"], "reset");
+    }
+
+    #[test]
     fn state_json_is_readable() {
         let mut s = with_amqp();
         s.add_backend("amqp", &be("10.0.1.1")).unwrap();

@@ -403,6 +403,159 @@ fn media_streams_migrate_when_a_relay_fails() {
     );
 }
 
+/// `--on-down keep` (HAProxy's default): a relay whose health check fails
+/// but whose media socket still runs (slow, not dead) leaves the table, so
+/// new streams avoid it, yet every stream it had stays on it with no gap.
+#[test]
+fn on_down_keep_leaves_a_failed_relays_streams_in_place() {
+    if !require_root("on_down_keep_leaves_a_failed_relays_streams_in_place") {
+        return;
+    }
+    let lab = start_lab();
+    let rx = receivers(&lab);
+    let mut health: Vec<Option<TcpListener>> = lab
+        .backends
+        .iter()
+        .map(|b| {
+            let addr = SocketAddrV4::new(b.addr, 7000);
+            Some(
+                b.run(move || TcpListener::bind(addr))
+                    .expect("netns")
+                    .expect("health listener"),
+            )
+        })
+        .collect();
+    media_service(
+        &lab,
+        "rtp",
+        &[
+            "--check",
+            "tcp",
+            "--check-port",
+            "7000",
+            "--check-interval",
+            "200ms",
+            "--check-timeout",
+            "100ms",
+            "--fall",
+            "2",
+            "--rise",
+            "2",
+            "--on-down",
+            "keep",
+        ],
+    );
+    let streams = open_streams(&lab.client.netns_path(), lab.client.addr, 30000, 60, 0x4000)
+        .expect("streams");
+    let mut sender = Sender::start(streams, SocketAddrV4::new(lab.vip, MEDIA), RATE);
+    let before: BTreeMap<u32, String> = sender
+        .streams
+        .iter()
+        .map(|&(ssrc, src)| (ssrc, predicted(&lab, src)))
+        .collect();
+    let at_least = |n: u64, what: &str| {
+        wait_for(what, Duration::from_secs(10), || {
+            let seen = seen_all(&rx);
+            Ok(before
+                .iter()
+                .all(|(ssrc, r)| seen[r].get(ssrc).is_some_and(|s| s.packets >= n))
+                .then_some(()))
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e:#}
+{}",
+                lab.diagnostics()
+            )
+        });
+    };
+    at_least(10, "10 packets of every stream at its relay");
+
+    // b2's health endpoint goes away; its media socket stays.
+    let failed = 1;
+    let (failed_name, failed_addr) = (lab.backends[failed].name.clone(), lab.backends[failed].addr);
+    assert!(
+        before.values().any(|r| *r == failed_name),
+        "some stream was on {failed_name}: {before:?}"
+    );
+    health[failed] = None;
+    let healthy: Vec<Ipv4Addr> = lab
+        .backends
+        .iter()
+        .map(|b| b.addr)
+        .filter(|a| *a != failed_addr)
+        .collect();
+    wait_ring(&lab, &healthy);
+    let sent_at_down = seen_all(&rx);
+    let most = sent_at_down
+        .values()
+        .flat_map(|s| s.values().map(|x| x.packets))
+        .max()
+        .unwrap_or(0);
+    at_least(
+        most + 25,
+        "25 more packets of every stream, still at its relay",
+    );
+
+    // New streams: the ring without b2 places them.
+    let fresh = open_streams(&lab.client.netns_path(), lab.client.addr, 31000, 30, 0x5000)
+        .expect("new streams");
+    let mut sender2 = Sender::start(fresh, SocketAddrV4::new(lab.vip, MEDIA), RATE);
+    let fresh_at: BTreeMap<u32, String> = sender2
+        .streams
+        .iter()
+        .map(|&(ssrc, src)| (ssrc, predicted(&lab, src)))
+        .collect();
+    wait_for(
+        "new streams at their relays",
+        Duration::from_secs(10),
+        || {
+            let seen = seen_all(&rx);
+            Ok(fresh_at
+                .iter()
+                .all(|(ssrc, r)| seen[r].get(ssrc).is_some_and(|s| s.packets >= 10))
+                .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}
+{}",
+            lab.diagnostics()
+        )
+    });
+    sender.stop().expect("every send succeeded");
+    sender2.stop().expect("every send succeeded");
+
+    let seen = seen_all(&rx);
+    for (ssrc, was) in &before {
+        assert_eq!(
+            relays_of(&seen, *ssrc),
+            [was.as_str()],
+            "stream {ssrc:#x} stayed on {was}"
+        );
+        let s = &seen[was][ssrc];
+        assert_eq!(
+            (s.gaps(), s.out_of_order),
+            (0, 0),
+            "stream {ssrc:#x} on {was}"
+        );
+    }
+    for (ssrc, at) in &fresh_at {
+        assert_ne!(
+            at, &failed_name,
+            "the ring without {failed_name} placed stream {ssrc:#x}"
+        );
+        assert_eq!(
+            relays_of(&seen, *ssrc),
+            [at.as_str()],
+            "new stream {ssrc:#x}"
+        );
+    }
+    let kept = before.values().filter(|r| **r == failed_name).count();
+    eprintln!("{kept} streams kept on {failed_name} after its check failed");
+}
+
 /// `--hash src-ip`: every stream of one client address lands on one relay,
 /// the one the ring predicts for that address, whatever its ports.
 #[test]
