@@ -55,6 +55,65 @@ fn media_service(lab: &Lab, hash: &str, extra: &[&str]) {
     wait_ring(lab, &all);
 }
 
+/// Each relay's health endpoint: a TCP listener on port 7000 of its own
+/// address (dropping one fails that relay's check).
+fn health_listeners(lab: &Lab) -> Vec<Option<TcpListener>> {
+    lab.backends
+        .iter()
+        .map(|b| {
+            let addr = SocketAddrV4::new(b.addr, 7000);
+            Some(
+                b.run(move || TcpListener::bind(addr))
+                    .expect("netns")
+                    .expect("health listener"),
+            )
+        })
+        .collect()
+}
+
+/// `media_service` (`--hash rtp`) with the failover tests' fast tcp check
+/// of [`health_listeners`] (200 ms interval, 100 ms timeout, fall 2, rise 2)
+/// and `extra` flags.
+fn checked_media_service(lab: &Lab, extra: &[&str]) {
+    let mut args = vec![
+        "--check",
+        "tcp",
+        "--check-port",
+        "7000",
+        "--check-interval",
+        "200ms",
+        "--check-timeout",
+        "100ms",
+        "--fall",
+        "2",
+        "--rise",
+        "2",
+    ];
+    args.extend(extra);
+    media_service(lab, "rtp", &args);
+}
+
+/// The relay the live ring picks for each stream of `sender`, by SSRC.
+fn predicted_streams(lab: &Lab, sender: &Sender) -> BTreeMap<u32, String> {
+    sender
+        .streams
+        .iter()
+        .map(|&(ssrc, src)| (ssrc, predicted(lab, src)))
+        .collect()
+}
+
+/// Waits until every stream of `at` (SSRC → relay) has `n` packets at its relay.
+fn wait_packets(lab: &Lab, rx: &[Receiver], at: &BTreeMap<u32, String>, n: u64, what: &str) {
+    wait_for(what, Duration::from_secs(10), || {
+        let seen = seen_all(rx);
+        Ok(at
+            .iter()
+            .all(|(ssrc, r)| seen[r].get(ssrc).is_some_and(|s| s.packets >= n))
+            .then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()));
+}
+
 fn wait_ring(lab: &Lab, want: &[Ipv4Addr]) {
     wait_ring_of(lab, MEDIA, want)
 }
@@ -228,57 +287,19 @@ fn media_streams_migrate_when_a_relay_fails() {
     const FALL: u32 = 2;
     let lab = start_lab();
     let mut rx = receivers(&lab);
-    // Each relay's health endpoint: a TCP listener on its own address.
-    let mut health: Vec<Option<TcpListener>> = lab
-        .backends
-        .iter()
-        .map(|b| {
-            let addr = SocketAddrV4::new(b.addr, 7000);
-            Some(
-                b.run(move || TcpListener::bind(addr))
-                    .expect("netns")
-                    .expect("health listener"),
-            )
-        })
-        .collect();
-    media_service(
-        &lab,
-        "rtp",
-        &[
-            "--check",
-            "tcp",
-            "--check-port",
-            "7000",
-            "--check-interval",
-            "200ms",
-            "--check-timeout",
-            "100ms",
-            "--fall",
-            "2",
-            "--rise",
-            "2",
-        ],
-    );
+    let mut health = health_listeners(&lab);
+    checked_media_service(&lab, &[]);
     let streams = open_streams(&lab.client.netns_path(), lab.client.addr, 30000, 60, 0x2000)
         .expect("streams");
     let mut sender = Sender::start(streams, SocketAddrV4::new(lab.vip, MEDIA), RATE);
-    let before: BTreeMap<u32, String> = sender
-        .streams
-        .iter()
-        .map(|&(ssrc, src)| (ssrc, predicted(&lab, src)))
-        .collect();
-    wait_for(
+    let before = predicted_streams(&lab, &sender);
+    wait_packets(
+        &lab,
+        &rx,
+        &before,
+        10,
         "10 packets of every stream at its relay",
-        Duration::from_secs(10),
-        || {
-            let seen = seen_all(&rx);
-            Ok(before
-                .iter()
-                .all(|(ssrc, r)| seen[r].get(ssrc).is_some_and(|s| s.packets >= 10))
-                .then_some(()))
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()));
+    );
 
     // b2 dies: its media socket and health listener close at once.
     let dead = 1;
@@ -413,63 +434,19 @@ fn on_down_keep_leaves_a_failed_relays_streams_in_place() {
     }
     let lab = start_lab();
     let rx = receivers(&lab);
-    let mut health: Vec<Option<TcpListener>> = lab
-        .backends
-        .iter()
-        .map(|b| {
-            let addr = SocketAddrV4::new(b.addr, 7000);
-            Some(
-                b.run(move || TcpListener::bind(addr))
-                    .expect("netns")
-                    .expect("health listener"),
-            )
-        })
-        .collect();
-    media_service(
-        &lab,
-        "rtp",
-        &[
-            "--check",
-            "tcp",
-            "--check-port",
-            "7000",
-            "--check-interval",
-            "200ms",
-            "--check-timeout",
-            "100ms",
-            "--fall",
-            "2",
-            "--rise",
-            "2",
-            "--on-down",
-            "keep",
-        ],
-    );
+    let mut health = health_listeners(&lab);
+    checked_media_service(&lab, &["--on-down", "keep"]);
     let streams = open_streams(&lab.client.netns_path(), lab.client.addr, 30000, 60, 0x4000)
         .expect("streams");
     let mut sender = Sender::start(streams, SocketAddrV4::new(lab.vip, MEDIA), RATE);
-    let before: BTreeMap<u32, String> = sender
-        .streams
-        .iter()
-        .map(|&(ssrc, src)| (ssrc, predicted(&lab, src)))
-        .collect();
-    let at_least = |n: u64, what: &str| {
-        wait_for(what, Duration::from_secs(10), || {
-            let seen = seen_all(&rx);
-            Ok(before
-                .iter()
-                .all(|(ssrc, r)| seen[r].get(ssrc).is_some_and(|s| s.packets >= n))
-                .then_some(()))
-        })
-        .unwrap_or_else(|e| {
-            panic!(
-                "{e:#}
-{}",
-                lab.diagnostics()
-            )
-        });
-    };
-    at_least(10, "10 packets of every stream at its relay");
+    let before = predicted_streams(&lab, &sender);
+    wait_packets(
+        &lab,
+        &rx,
+        &before,
+        10,
+        "10 packets of every stream at its relay",
+    );
 
     // b2's health endpoint goes away; its media socket stays.
     let failed = 1;
@@ -492,7 +469,10 @@ fn on_down_keep_leaves_a_failed_relays_streams_in_place() {
         .flat_map(|s| s.values().map(|x| x.packets))
         .max()
         .unwrap_or(0);
-    at_least(
+    wait_packets(
+        &lab,
+        &rx,
+        &before,
         most + 25,
         "25 more packets of every stream, still at its relay",
     );
@@ -501,29 +481,14 @@ fn on_down_keep_leaves_a_failed_relays_streams_in_place() {
     let fresh = open_streams(&lab.client.netns_path(), lab.client.addr, 31000, 30, 0x5000)
         .expect("new streams");
     let mut sender2 = Sender::start(fresh, SocketAddrV4::new(lab.vip, MEDIA), RATE);
-    let fresh_at: BTreeMap<u32, String> = sender2
-        .streams
-        .iter()
-        .map(|&(ssrc, src)| (ssrc, predicted(&lab, src)))
-        .collect();
-    wait_for(
-        "new streams at their relays",
-        Duration::from_secs(10),
-        || {
-            let seen = seen_all(&rx);
-            Ok(fresh_at
-                .iter()
-                .all(|(ssrc, r)| seen[r].get(ssrc).is_some_and(|s| s.packets >= 10))
-                .then_some(()))
-        },
-    )
-    .unwrap_or_else(|e| {
-        panic!(
-            "{e:#}
-{}",
-            lab.diagnostics()
-        )
-    });
+    let fresh_at = predicted_streams(&lab, &sender2);
+    wait_packets(
+        &lab,
+        &rx,
+        &fresh_at,
+        10,
+        "10 packets of every new stream at its relay",
+    );
     sender.stop().expect("every send succeeded");
     sender2.stop().expect("every send succeeded");
 
